@@ -1,0 +1,386 @@
+"""Checkpoints that survive a kill: everything needed to resume bitwise, written atomically.
+
+Layout (one folder per optimizer step, zero-padded so names sort by step)::
+
+    run_dir/checkpoints/step-00000123/
+        model.safetensors   model state dict; tensors that share storage (tied embeddings) stored once
+        optimizer.pt        optimizer.state_dict()
+        scheduler.pt        scheduler.state_dict()
+        rng.pt              python random, numpy, torch CPU (+ CUDA) generator states
+        state.json          TrainState: step counters, data position, reference cache key, extras
+        COMPLETE            written last: a folder without it is never a checkpoint
+
+Why a temporary folder and a rename: a SIGKILL (OOM killer, pre-emption) can land anywhere in a save. All
+files go into ``checkpoints/.tmp-step-00000123-<pid>/``, each is fsynced, and only then is the folder renamed
+into place -- a directory rename is atomic on POSIX, so the latest complete checkpoint is always either the
+old one or the new one, never a half-written one. :func:`latest_checkpoint` ignores ``.tmp-*`` folders and
+folders without ``COMPLETE``; stale temporary folders of dead processes are removed by the next save. Old
+checkpoints are pruned only after the new one is in place.
+
+Distributed use: only rank 0 calls :func:`save_checkpoint` (it runs no collective); the distributed layer
+gathers full state dicts first and passes them as ``model_state_dict`` / ``optimizer_state_dict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "TrainState",
+    "capture_rng_state",
+    "checkpoint_dir_name",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_state_dict",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+#: Sub-folder of the run folder that holds the checkpoints.
+CHECKPOINTS_DIR = "checkpoints"
+_COMPLETE = "COMPLETE"
+_MODEL = "model.safetensors"
+_OPTIMIZER = "optimizer.pt"
+_SCHEDULER = "scheduler.pt"
+_RNG = "rng.pt"
+_STATE = "state.json"
+_FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-.*-(\d+)$")
+#: safetensors metadata key listing the names that alias a stored tensor (tied weights).
+_ALIASES_KEY = "preftune.aliases"
+
+
+@dataclass
+class TrainState:
+    """Counters and positions that, with the model/optimizer/scheduler/RNG states, define where a run is.
+
+    ``batch_in_epoch`` is the index of the *next* micro-batch in the epoch's batch list, so a resumed run
+    rebuilds the epoch's (seeded) order and skips that many micro-batches. ``reference_key`` is the hash key
+    of the precomputed reference log-prob cache, so a resume reuses exactly the same reference. ``extra``
+    holds anything else JSON-serialisable the trainer wants back (e.g. the data-order seed).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    pairs_seen: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    reference_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Build from ``state.json`` content; unknown keys (a newer writer) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """``step-00000123``: zero-padded so that lexical and numeric order agree."""
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot of every generator a training step may draw from (python, numpy, torch CPU, CUDA).
+
+    The numpy state is stored as plain Python/torch values so that ``torch.load(weights_only=True)`` reads
+    it back (raw numpy arrays are not on the safe-unpickling allow-list).
+    """
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"]).astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(d: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`. CUDA states are restored only when CUDA is available."""
+    if "python" in d:
+        version, internal, gauss = d["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in d:
+        n = d["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": n["bit_generator"],
+                "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                "has_gauss": n["has_gauss"],
+                "gauss": n["gauss"],
+            }
+        )
+    if "torch" in d:
+        torch.set_rng_state(d["torch"])
+    if "cuda" in d and torch.cuda.is_available():
+        states = d["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+        else:  # a different number of visible GPUs: restore what matches
+            for i, s in enumerate(states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model state dict <-> safetensors (tied weights)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _dedup_state_dict(
+    sd: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory once: safetensors refuses shared storage.
+
+    Exact aliases (same storage, offset, shape, strides -- e.g. a tied ``lm_head.weight``) become one entry
+    plus an alias record ``{alias: kept_name}``; tensors that merely overlap are saved as copies.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_view: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[Any, ...]] = set()
+    for name in sorted(sd):
+        t = sd[name].detach()
+        if t.device.type == "meta":
+            raise ValueError(f"cannot checkpoint '{name}': it is on the meta device")
+        view = (*_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() > 0 and view in by_view:
+            aliases[name] = by_view[view]
+            continue
+        if t.numel() > 0 and _storage_key(t) in storages:
+            t = t.clone()  # overlapping but not identical: a private copy
+        elif t.numel() > 0:
+            by_view[view] = name
+            storages.add(_storage_key(t))
+        kept[name] = t.contiguous().cpu()
+    return kept, aliases
+
+
+def _save_model_file(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    tensors, aliases = _dedup_state_dict(sd)
+    save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases), "format": "pt"})
+
+
+def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state dict (CPU) of a checkpoint folder, tied names restored as shared tensors.
+
+    For the distributed layer, which loads on rank 0 and broadcasts/shards itself.
+    """
+    file = Path(path) / _MODEL
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    sd = load_file(str(file), device="cpu")
+    for alias, name in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
+        sd[alias] = sd[name]
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic writing
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory so the data (or the rename) survives a crash, not only a kill."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, writer: Callable[[Path], None]) -> None:
+    """Write one file of a checkpoint with ``writer(path)`` and fsync it (a seam for the kill test)."""
+    writer(path)
+    _fsync_path(path)
+
+
+def _torch_writer(obj: Any) -> Callable[[Path], None]:
+    return lambda p: torch.save(obj, p)
+
+
+def _text_writer(text: str) -> Callable[[Path], None]:
+    return lambda p: p.write_text(text, encoding="utf-8")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_tmp(ckpt_root: Path) -> None:
+    """Remove ``.tmp-*`` folders left by a killed save (ours, or of a process that no longer runs)."""
+    for p in ckpt_root.iterdir():
+        m = _TMP_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove_dir(ckpt_root: Path, p: Path) -> None:
+    """Delete a checkpoint folder: rename it to ``.tmp-*`` first so a kill mid-delete leaves no husk."""
+    doomed = ckpt_root / f".tmp-del-{p.name}-{os.getpid()}"
+    os.rename(p, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (``.tmp-*`` and unmarked folders excluded)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / _COMPLETE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None (what ``resume: auto`` continues from)."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    state: TrainState,
+    *,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    keep_last: int,
+    model_state_dict: dict[str, torch.Tensor] | None = None,
+    optimizer_state_dict: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint for ``state.step`` atomically; keep the newest ``keep_last``; return its folder.
+
+    RNG states are captured here, so call it at a step boundary, after the optimizer step and before the
+    next draw. Given state dicts take precedence over ``model``/``optimizer`` (already gathered by the
+    distributed layer; call on rank 0 only). A ``None`` optimizer/scheduler is simply not saved.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if model_state_dict is None:
+        if model is None:
+            raise ValueError("save_checkpoint needs a model or a model_state_dict")
+        model_state_dict = model.state_dict()
+    if optimizer_state_dict is None and optimizer is not None:
+        optimizer_state_dict = optimizer.state_dict()
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(root)
+
+    name = checkpoint_dir_name(state.step)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        state_json = {"format_version": _FORMAT_VERSION, **state.to_dict()}
+        _write_file(tmp / _MODEL, lambda p: _save_model_file(p, model_state_dict))
+        if optimizer_state_dict is not None:
+            _write_file(tmp / _OPTIMIZER, _torch_writer(optimizer_state_dict))
+        if scheduler is not None:
+            _write_file(tmp / _SCHEDULER, _torch_writer(scheduler.state_dict()))
+        _write_file(tmp / _RNG, _torch_writer(capture_rng_state()))
+        _write_file(tmp / _STATE, _text_writer(json.dumps(state_json, indent=2) + "\n"))
+        _write_file(tmp / _COMPLETE, _text_writer(f"{state.step}\n"))
+        _fsync_path(tmp)
+        final = root / name
+        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
+            _remove_dir(root, final)
+        os.rename(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        with contextlib.suppress(OSError):
+            _remove_dir(root, old)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    load_model_state: bool = True,
+) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG states from a checkpoint folder; return its TrainState.
+
+    ``load_model_state=False`` leaves the model alone (the distributed layer loads it itself with
+    :func:`load_model_state_dict`). Tensors are read to CPU; ``load_state_dict`` moves them to the
+    parameters' devices. Restoring the RNG states last means the caller's next draw equals the draw the
+    saved run would have made next.
+    """
+    path = Path(path)
+    if not (path / _COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_COMPLETE} marker)")
+    if model is not None and load_model_state:
+        model.load_state_dict(load_model_state_dict(path), strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            torch.load(path / _OPTIMIZER, map_location="cpu", weights_only=True)
+        )
+    if scheduler is not None and (path / _SCHEDULER).is_file():
+        scheduler.load_state_dict(torch.load(path / _SCHEDULER, weights_only=True))
+    data = json.loads((path / _STATE).read_text(encoding="utf-8"))
+    data.pop("format_version", None)
+    restore_rng_state(torch.load(path / _RNG, weights_only=True))
+    return TrainState.from_dict(data)
