@@ -1,0 +1,476 @@
+"""Typed run configuration: nested dataclasses, loaded from YAML with ``key.sub=value`` overrides.
+
+Every field carries a one-line ``help`` so that ``preftune train --print-config`` can document the resolved
+config. Unknown keys and ill-typed values raise :class:`ConfigError` naming the key and suggesting the
+closest valid one; cross-field rules (a reference-free loss with a reference configured, ...) are checked in
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LogConfig",
+    "LoraConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ReferenceConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "format_config",
+    "load_config",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what was expected."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "train LoRA adapters (needs the `peft` extra) instead of all weights")
+    r: int = _f(16, "LoRA rank")
+    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that receive adapters",
+    )
+    merge_on_save: bool = _f(False, "also save the merged full model beside the adapter")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "local Hugging Face model folder of the starting policy")
+    tokenizer_path: str | None = _f(None, "tokenizer folder (default: the model folder)")
+    dtype: str = _f("auto", "auto | float32 | bfloat16: auto = fp32 on CPU, bf16 autocast on GPU")
+    attn_implementation: str | None = _f("sdpa", "attention backend passed to from_pretrained")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    dropout: bool = _f(False, "keep the model's dropout on (off by default, as in the DPO paper)")
+    trust_remote_code: bool = _f(False, "allow custom modelling code from the model folder")
+    lora: LoraConfig = _f(LoraConfig, "LoRA settings")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _f(
+        [], "training files or globs (jsonl, json, csv, parquet, datasets folder)"
+    )
+    eval_files: list[str] = _f(
+        [], "evaluation files or globs (default: split eval_fraction off train)"
+    )
+    eval_fraction: float = _f(
+        0.0, "share of train pairs held out for evaluation when no eval_files"
+    )
+    format: str = _f("auto", "auto | jsonl | json | csv | parquet | arrow")
+    shape: str = _f("auto", "auto | standard | conversational | implicit")
+    prompt_column: str = _f("prompt", "column holding the prompt")
+    chosen_column: str = _f("chosen", "column holding the preferred response")
+    rejected_column: str = _f("rejected", "column holding the dispreferred response")
+    weight_column: str | None = _f(None, "optional per-pair weight column")
+    max_length: int = _f(1024, "max tokens of prompt + one response")
+    max_prompt_length: int | None = _f(512, "max prompt tokens (truncated before the responses)")
+    prompt_truncation: str = _f(
+        "left", "left keeps the end of a long prompt, right keeps its start"
+    )
+    add_eos: bool = _f(True, "append EOS to string responses")
+    on_drop: str = _f("count", "count | error: what to do with pairs dropped by policy")
+    cache_dir: str | None = _f(
+        None, "tokenized-data cache (default $PREFTUNE_CACHE or ~/.cache/preftune)"
+    )
+    group_by_length: bool = _f(False, "batch pairs of similar length to cut padding")
+    padding_free: bool = _f(False, "pack the rows of a micro-batch into one padding-free row")
+
+
+@dataclass
+class LossConfig:
+    name: list[str] = _f(["sigmoid"], "loss name or list of names (e.g. [sigmoid, sft])")
+    weights: list[float] | None = _f(None, "one weight per loss name (default all 1.0)")
+    beta: float | None = _f(None, "beta of the loss (default: the loss's paper default)")
+    params: dict[str, float] = _f({}, "other hyperparameters by name, e.g. {label_smoothing: 0.1}")
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: str = _f("auto", "auto | copy | precomputed | adapter | none")
+    path: str | None = _f(None, "reference model folder (default: model.path)")
+    batch_size: int = _f(8, "pairs per batch when precomputing reference log-probs")
+    cache_dir: str | None = _f(
+        None, "precomputed log-prob cache (default $PREFTUNE_CACHE or ~/.cache/preftune)"
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(5e-7, "peak learning rate (DPO paper: 5e-7 to 1e-6 full fine-tuning)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    scheduler: str = _f("linear", "linear | cosine | constant (after warm-up)")
+    warmup_ratio: float = _f(0.1, "share of steps spent warming up linearly from 0")
+    warmup_steps: int | None = _f(None, "warm-up steps (overrides warmup_ratio)")
+    max_grad_norm: float | None = _f(1.0, "clip the global gradient norm (null: no clipping)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/preftune", "run folder: config, metrics, checkpoints, final model")
+    seed: int = _f(42, "seed for init, data order and dropout")
+    epochs: float = _f(1.0, "passes over the training pairs")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = _f(8, "pairs per micro-batch per device")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    eval_every: int | None = _f(None, "evaluate every N steps (null: only at the end)")
+    eval_batch_size: int | None = _f(None, "pairs per eval batch (default: batch_size)")
+    save_every: int | None = _f(None, "checkpoint every N steps (null: only at the end)")
+    keep_last: int = _f(2, "checkpoints to keep")
+    resume: str = _f("auto", "auto | never | PATH of a checkpoint folder")
+    skip_nonfinite: bool = _f(
+        False, "skip steps with a non-finite loss or gradient instead of stopping"
+    )
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    chunk_size: int = _f(1024, "response tokens per LM-head chunk")
+    prefix_sharing: bool = _f(False, "compute the shared prompt once for chosen and rejected")
+    compile: bool = _f(False, "torch.compile the model (opt-in; slow to start on CPU)")
+    parallel: str = _f("auto", "auto | ddp | fsdp (under torchrun)")
+    fsdp_cpu_offload: bool = _f(False, "offload FSDP parameters to CPU")
+    save_final: bool = _f(True, "save the final model folder")
+
+
+@dataclass
+class LogConfig:
+    log_every: int = _f(10, "print a metrics line every N steps")
+    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(True, "also write TensorBoard events when tensorboard is installed")
+    diagnostics: bool = _f(True, "watch metrics and warn about known failure patterns")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = _f(ModelConfig, "the policy model")
+    data: DataConfig = _f(DataConfig, "preference data")
+    loss: LossConfig = _f(LossConfig, "the loss (or weighted sum of losses)")
+    reference: ReferenceConfig = _f(ReferenceConfig, "how the reference log-probs are obtained")
+    optim: OptimConfig = _f(OptimConfig, "optimizer and schedule")
+    train: TrainConfig = _f(TrainConfig, "training loop")
+    log: LogConfig = _f(LogConfig, "logging")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and coercion
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the annotated type ``tp``, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        is_null = value is None or (
+            isinstance(value, str) and value.lower() in ("null", "none", "~")
+        )
+        if is_null and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [text]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        ):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested plain data; unknown keys and bad types raise ConfigError."""
+    return _build(Config, data or {}, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``key.sub=value`` strings; values are parsed to the field's type (YAML syntax for lists)."""
+    valid = _all_keys(Config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key.sub=value")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        parts = key.split(".")
+        obj: Any = cfg
+        value_tp: Any = Any
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(obj, dict):
+                # A key under a dict-valued field, e.g. loss.params.label_smoothing=0.1.
+                if not last:
+                    raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+                obj[part] = _coerce(yaml.safe_load(raw), value_tp, key)
+                break
+            names = [f.name for f in dataclasses.fields(obj)]
+            if part not in names:
+                raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+            tp = _hints(type(obj))[part]
+            if last:
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(
+                        f"'{key}' is a section; set one of its keys, e.g. {key}.<name>=..."
+                    )
+                setattr(obj, part, _coerce(raw, tp, key))
+            else:
+                if typing.get_origin(tp) is dict:
+                    value_tp = typing.get_args(tp)[1]
+                obj = getattr(obj, part)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load YAML (or start from defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    cfg = config_from_dict(data)
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.format": ("auto", "jsonl", "json", "csv", "parquet", "arrow"),
+    "data.shape": ("auto", "standard", "conversational", "implicit"),
+    "data.prompt_truncation": ("left", "right"),
+    "data.on_drop": ("count", "error"),
+    "reference.strategy": ("auto", "copy", "precomputed", "adapter", "none"),
+    "optim.scheduler": ("linear", "cosine", "constant"),
+    "train.parallel": ("auto", "ddp", "fsdp"),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolved_reference_strategy(cfg: Config) -> str:
+    """The reference strategy after ``auto``: none for reference-free losses, adapter with LoRA, else copy."""
+    from preftune.losses import LOSSES
+
+    needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name if n in LOSSES)
+    strategy = cfg.reference.strategy
+    if strategy != "auto":
+        return strategy
+    if not needs_ref:
+        return "none"
+    return "adapter" if cfg.model.lora.enabled else "copy"
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raise ConfigError naming the keys involved."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: expected one of {', '.join(choices)}, got {value!r}{_suggest(str(value), choices)}"
+            )
+    from preftune.losses import LOSSES
+
+    if not cfg.loss.name:
+        raise ConfigError("loss.name: give at least one loss")
+    for name in cfg.loss.name:
+        if name not in LOSSES:
+            raise ConfigError(
+                f"loss.name: unknown loss '{name}'{_suggest(name, LOSSES)}; known: {', '.join(LOSSES)}"
+            )
+    if cfg.loss.weights is not None and len(cfg.loss.weights) != len(cfg.loss.name):
+        raise ConfigError(
+            f"loss.weights: {len(cfg.loss.weights)} weights for {len(cfg.loss.name)} losses {cfg.loss.name}"
+        )
+    if cfg.loss.beta is not None and cfg.loss.beta <= 0:
+        raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
+    needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name)
+    strategy = cfg.reference.strategy
+    if not needs_ref and strategy not in ("auto", "none"):
+        raise ConfigError(
+            f"reference.strategy: '{strategy}' configured but loss {cfg.loss.name} is reference-free; "
+            "set reference.strategy=none (or auto)"
+        )
+    if needs_ref and strategy == "none":
+        raise ConfigError(
+            f"reference.strategy: loss {cfg.loss.name} needs a reference; use copy, precomputed or adapter"
+        )
+    if strategy == "adapter" and not cfg.model.lora.enabled:
+        raise ConfigError("reference.strategy: 'adapter' needs model.lora.enabled=true")
+    for key in ("train.batch_size", "train.grad_accum", "train.keep_last", "train.chunk_size"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {_get(cfg, key)}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps: must be >= 1, got {cfg.train.max_steps}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.max_prompt_length is not None and cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
+            f"({cfg.data.max_length}) so that responses keep at least one token"
+        )
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+
+
+def format_config(cfg: Any, indent: int = 0) -> str:
+    """YAML-like text of the resolved config with each field's help as a comment."""
+    lines = []
+    pad = "  " * indent
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        help_text = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{pad}{f.name}:  # {help_text}")
+            lines.append(format_config(value, indent + 1))
+        else:
+            dumped = yaml.safe_dump(value, default_flow_style=True).strip()
+            if dumped.endswith("\n..."):
+                dumped = dumped[: -len("\n...")]
+            dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{f.name}: {dumped}  # {help_text}")
+    return "\n".join(lines)
