@@ -1,0 +1,430 @@
+"""Live diagnostics: recognise known DPO failure patterns in the metric history and say what to try.
+
+Why: the usual way a preference run fails is silently -- the loss sits at log 2, or both log-probs sink --
+and the user finds out after hours. Each rule here is a small pure function of the history (issue 5, "Live
+diagnostics"; the troubleshooting notes of FORMULAS.md, which correct the seed's table: the loss is log 2 at
+initialisation for *every* β, so "raise β when the loss is flat" is not advice given here).
+
+Histories
+---------
+``train``: one dict per logged train step with the keys of FORMULAS.md "Metrics": ``step``, ``loss``,
+``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+``logps/rejected``, ``grad_norm``, ``learning_rate`` (missing keys make the rules that need them silent).
+``eval``: one dict per evaluation with ``step`` (the train step it ran at) and the same keys, either plain
+(``loss``) or prefixed (``eval/loss``); :meth:`Diagnostics.observe_eval` strips the prefix.
+
+Every rule returns a :class:`Finding` or None. :class:`Diagnostics` holds the histories, runs the rules after
+each observation and reports each rule once (again only after ``repeat_after`` steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "LOG2_INIT_LOSSES",
+    "Diagnostics",
+    "Finding",
+    "check_grad_explosion",
+    "check_likelihood_displacement",
+    "check_nonfinite",
+    "check_overfitting",
+    "check_stuck_at_log2",
+    "check_unbounded_margins",
+    "format_warning",
+    "init_loss_for",
+]
+
+LOG2 = math.log(2.0)
+#: Losses whose value at initialisation (policy == reference, margin 0) is exactly log 2, whatever β / ε.
+LOG2_INIT_LOSSES = frozenset({"sigmoid", "cdpo", "robust"})
+#: Losses whose optimum pushes the margin to infinity on separable (deterministic) preferences.
+UNBOUNDED_MARGIN_LOSSES = frozenset({"sigmoid"})
+
+History = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class Finding:
+    """One recognised failure pattern: what was seen, why it usually happens, what to try."""
+
+    rule: str
+    step: int
+    symptom: str
+    causes: list[str]
+    advice: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def format_warning(f: Finding) -> str:
+    """One readable multi-line warning: symptom, likely causes, what to try."""
+    lines = [f"preftune warning [{f.rule}] at step {f.step}: {f.symptom}"]
+    for title, items in (("likely causes", f.causes), ("what to try", f.advice)):
+        if items:
+            lines += [f"  {title}:", *(f"    - {x}" for x in items)]
+    return "\n".join(lines)
+
+
+def init_loss_for(
+    names: Sequence[str] | str, weights: Sequence[float] | None = None
+) -> float | None:
+    """The loss at initialisation when it is known to be log 2 per pair (sigmoid family), else None.
+
+    ``[sigmoid]`` → log 2; ``[cdpo]`` with weight 2 → 2 log 2; anything with an ``sft`` term, IPO, SimPO, ...
+    → None (their initial value depends on the data or on β), which switches the log-2 rule off.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    if not names or any(n not in LOG2_INIT_LOSSES for n in names):
+        return None
+    return LOG2 * (sum(weights) if weights is not None else len(names))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small helpers over histories
+
+
+def _values(history: History, key: str) -> list[float]:
+    """The finite values of ``key`` in order (entries without it are skipped)."""
+    vals = (h.get(key) for h in history)
+    return [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _drop(xs: Sequence[float]) -> tuple[float, float]:
+    """(mean of first half − mean of second half, its standard error) of a window."""
+    half = len(xs) // 2
+    a, b = xs[:half], xs[len(xs) - half :]
+    var = (statistics.pvariance(a) + statistics.pvariance(b)) / 2 if half > 1 else 0.0
+    return _mean(a) - _mean(b), math.sqrt(2 * var / half) if half else 0.0
+
+
+def _step(history: History) -> int:
+    return int(history[-1].get("step", len(history))) if history else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules
+
+
+def check_stuck_at_log2(
+    train: History,
+    *,
+    init_loss: float | None = LOG2,
+    warmup_steps: int = 0,
+    points: int = 3,
+    tol: float = 0.01,
+    acc_band: float = 0.15,
+) -> Finding | None:
+    """Loss within ``tol`` of its init value (log 2) and accuracy ≈ 0.5 for ``points`` logged steps past warm-up.
+
+    Accuracy counts pairs with chosen reward *strictly* above rejected, so a reference recomputed from the
+    trained weights (margin exactly 0) reads 0.0, not 0.5: margins ≈ 0 also count as "no preference".
+    """
+    if init_loss is None:
+        return None
+    recent = [h for h in train if h.get("step", 0) > warmup_steps][-points:]
+    if len(recent) < points:
+        return None
+    for h in recent:
+        loss, acc = h.get("loss"), h.get("rewards/accuracies")
+        margin = h.get("rewards/margins")
+        if loss is None or acc is None or not abs(float(loss) - init_loss) <= tol:
+            return None
+        ties = margin is not None and abs(float(margin)) < 1e-6
+        if not (abs(float(acc) - 0.5) <= acc_band or ties):
+            return None
+    margins = _values(recent, "rewards/margins")
+    exact_zero = bool(margins) and max(abs(m) for m in margins) < 1e-6
+    causes = [
+        "the reference is the policy being trained (log-probs recomputed from the current weights): the "
+        "margin stays 0 and the loss log 2",
+        "learning rate too low (DPO full fine-tuning uses 5e-7 to 1e-6; LoRA 5e-6 to 5e-5)",
+        "completion masks wrong (prompt or padding scored, or no response tokens), so chosen and rejected "
+        "look alike",
+    ]
+    if not exact_zero:
+        causes.insert(0, causes.pop(1))
+    return Finding(
+        rule="stuck_at_log2",
+        step=_step(train),
+        symptom=(
+            f"loss has stayed at {init_loss:.4f} (its value at initialisation) with reward accuracy "
+            f"{_mean(_values(recent, 'rewards/accuracies')):.2f} and margin "
+            f"{_mean(margins) if margins else float('nan'):.2g} for {points} logged steps after warm-up"
+        ),
+        causes=causes,
+        advice=[
+            "use a frozen reference (reference.strategy=copy or precomputed), never the trained weights",
+            "raise optim.lr (raising β does not help: the loss is log 2 at init for every β)",
+            "check the data with `preftune data`: responses should be masked in, prompts masked out",
+        ],
+    )
+
+
+def check_likelihood_displacement(
+    train: History, *, window: int = 10, min_drop: float = 1.0, z: float = 3.0
+) -> Finding | None:
+    """Chosen **and** rejected log-probs both fall over the last ``window`` logged steps.
+
+    "Fall" = the mean of the window's second half is below its first half by more than ``min_drop`` nats and
+    by more than ``z`` standard errors (per-step values are batch means over different pairs, so noisy).
+    """
+    recent = list(train[-window:])
+    if len(recent) < window:
+        return None
+    drops = {}
+    for key in ("logps/chosen", "logps/rejected"):
+        xs = _values(recent, key)
+        if len(xs) < window:
+            return None
+        d, se = _drop(xs)
+        if not (d > min_drop and d > z * se):
+            return None
+        drops[key] = d
+    return Finding(
+        rule="likelihood_displacement",
+        step=_step(train),
+        symptom=(
+            f"both chosen and rejected log-probs are falling (by {drops['logps/chosen']:.2f} and "
+            f"{drops['logps/rejected']:.2f} nats over the last {window} logged steps)"
+        ),
+        causes=[
+            "likelihood displacement: DPO only constrains the margin, so probability mass can leave both "
+            "responses for text that is neither",
+            "learning rate too high: large updates push down shared tokens of both responses",
+        ],
+        advice=[
+            "add an NLL term on the chosen responses (RPO): loss.name=[sigmoid, sft] with loss.weights=[1, 0.2]",
+            "or use apo_zero, which pushes chosen likelihood up and rejected down explicitly",
+            "or lower optim.lr",
+        ],
+    )
+
+
+def check_overfitting(
+    train: History, eval: History, *, gap: float = 0.2, window: int = 5
+) -> Finding | None:
+    """Train reward accuracy (mean of ``window`` logged steps up to the last eval) ≥ eval accuracy + ``gap``."""
+    if not eval or "rewards/accuracies" not in eval[-1]:
+        return None
+    at = eval[-1].get("step", math.inf)
+    before = [h for h in train if h.get("step", 0) <= at][-window:]
+    train_acc, eval_acc = (
+        _values(before, "rewards/accuracies"),
+        _values(eval[-1:], "rewards/accuracies"),
+    )
+    if not train_acc or not eval_acc or _mean(train_acc) - eval_acc[0] < gap:
+        return None
+    symptom = f"train reward accuracy {_mean(train_acc):.2f} is far above eval reward accuracy {eval_acc[0]:.2f}"
+    eval_losses = _values(eval, "loss")
+    if len(eval_losses) >= 2 and eval_losses[-1] > min(eval_losses[:-1]):
+        symptom += f" and eval loss is rising ({min(eval_losses[:-1]):.4f} → {eval_losses[-1]:.4f})"
+    return Finding(
+        rule="overfitting",
+        step=int(eval[-1].get("step", _step(train))),
+        symptom=symptom,
+        causes=[
+            "over-fitting: the policy memorises the training pairs (too many epochs or too small a data set)",
+            "noisy preference labels learnt as if they were certain",
+        ],
+        advice=[
+            "train fewer epochs (the DPO paper uses 1) or add data",
+            "use a noise-aware loss: cdpo or robust (label_smoothing / flip rate ε ≈ 0.1)",
+            "use a larger β to keep the policy closer to the reference",
+        ],
+    )
+
+
+def check_nonfinite(train: History) -> Finding | None:
+    """The latest loss or gradient norm is NaN or infinite."""
+    if not train:
+        return None
+    bad = [
+        k
+        for k in ("loss", "grad_norm")
+        if k in train[-1] and not math.isfinite(float(train[-1][k]))
+    ]
+    if not bad:
+        return None
+    return Finding(
+        rule="nonfinite",
+        step=_step(train),
+        symptom=f"non-finite {' and '.join(bad)} ({', '.join(f'{k}={train[-1][k]}' for k in bad)})",
+        causes=[
+            "learning rate too high for the model or the schedule's warm-up too short",
+            "low-precision overflow (float16 or a bf16 log-softmax) -- log-probs must be computed in fp32",
+            "an empty response (no scored tokens) or a corrupt example",
+        ],
+        advice=[
+            "lower optim.lr or lengthen the warm-up; keep optim.max_grad_norm set",
+            "use model.dtype=bfloat16 (autocast, fp32 master weights) or float32 rather than float16",
+            "resume from the last checkpoint; train.skip_nonfinite=true skips isolated bad steps",
+        ],
+    )
+
+
+def check_grad_explosion(
+    train: History, *, factor: float = 10.0, min_points: int = 5, window: int = 50
+) -> Finding | None:
+    """The latest gradient norm exceeds ``factor`` × the median of the previous ≤ ``window`` logged norms."""
+    if len(train) < min_points + 1 or "grad_norm" not in train[-1]:
+        return None
+    last = float(train[-1]["grad_norm"])
+    prev = _values(train[-window - 1 : -1], "grad_norm")
+    if len(prev) < min_points or not math.isfinite(last):
+        return None
+    median = statistics.median(prev)
+    if median <= 0 or last <= factor * median:
+        return None
+    return Finding(
+        rule="grad_explosion",
+        step=_step(train),
+        symptom=f"gradient norm {last:.3g} is {last / median:.0f}x its running median {median:.3g}",
+        causes=[
+            "learning rate too high (or warm-up too short)",
+            "low-precision overflow (float16), or extreme log-ratios from a very long or degenerate response",
+        ],
+        advice=[
+            "lower optim.lr or lengthen the warm-up; keep optim.max_grad_norm (gradient clipping) on",
+            "train in float32 or bfloat16 autocast rather than float16",
+        ],
+    )
+
+
+def check_unbounded_margins(
+    train: History,
+    *,
+    loss_names: Sequence[str] = ("sigmoid",),
+    window: int = 10,
+    min_margin: float = 5.0,
+    min_accuracy: float = 0.95,
+    min_rise: float = 1.0,
+    z: float = 3.0,
+) -> Finding | None:
+    """Under ``sigmoid`` the margins keep growing after every pair is already won.
+
+    Trigger: over the last ``window`` logged steps the mean accuracy ≥ ``min_accuracy``, the latest margin
+    ≥ ``min_margin`` (σ(5) ≈ 0.993: the loss is ~0) and the second half's mean margin exceeds the first half's
+    by more than ``min_rise`` and ``z`` standard errors (still climbing, not a plateau). With deterministic (always-won) preferences DPO's optimum is an infinite margin, so the policy
+    keeps drifting from the reference (Azar et al. 2023, the IPO motivation).
+    """
+    if not UNBOUNDED_MARGIN_LOSSES.intersection(loss_names):
+        return None
+    recent = list(train[-window:])
+    margins, accs = _values(recent, "rewards/margins"), _values(recent, "rewards/accuracies")
+    if len(margins) < window or len(accs) < window:
+        return None
+    half = window // 2
+    first, second = _mean(margins[:half]), _mean(margins[-half:])
+    fall, se = _drop(margins)
+    if _mean(accs) < min_accuracy or margins[-1] < min_margin or not -fall > max(min_rise, z * se):
+        return None
+    return Finding(
+        rule="unbounded_margins",
+        step=_step(train),
+        symptom=(
+            f"reward margins keep growing ({first:.1f} → {second:.1f}) with reward accuracy "
+            f"{_mean(accs):.2f}: the sigmoid loss is ~0 yet the policy keeps moving away from the reference"
+        ),
+        causes=[
+            "deterministic (always-won) preferences: DPO's optimum is an infinite margin, so nothing holds "
+            "the policy near the reference once every pair is separated",
+        ],
+        advice=[
+            "use ipo, whose squared loss targets a finite margin",
+            "or cdpo (label_smoothing ε ≈ 0.1), which bounds the optimal margin",
+            "or stop earlier / use a larger β",
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The watcher the trainer calls
+
+
+class Diagnostics:
+    """Holds the metric histories, runs the rules after each observation, reports each finding once.
+
+    ``loss_names``/``loss_weights`` decide which rules apply (the log-2 rule only for the sigmoid family,
+    the margin rule only for ``sigmoid``); ``init_loss`` overrides the derived initial loss. A rule that has
+    fired stays quiet for ``repeat_after`` steps (None: for the rest of the run), so a stuck run prints one
+    warning, not one per log line.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss_names: Sequence[str] = ("sigmoid",),
+        loss_weights: Sequence[float] | None = None,
+        warmup_steps: int = 0,
+        init_loss: float | None = None,
+        repeat_after: int | None = None,
+        max_history: int = 2000,
+    ) -> None:
+        self.loss_names = [loss_names] if isinstance(loss_names, str) else list(loss_names)
+        self.init_loss = (
+            init_loss if init_loss is not None else init_loss_for(self.loss_names, loss_weights)
+        )
+        self.warmup_steps = warmup_steps
+        self.repeat_after = repeat_after
+        self.max_history = max_history
+        self.train: list[dict[str, Any]] = []
+        self.eval: list[dict[str, Any]] = []
+        self.findings: list[Finding] = []
+        self._last_fired: dict[str, int] = {}
+
+    def observe_train(self, metrics: Mapping[str, Any]) -> list[Finding]:
+        """Record one logged train step; return the findings that are new at this step."""
+        self._append(self.train, dict(metrics))
+        t = self.train
+        return self._emit(
+            [
+                check_nonfinite(t),
+                check_grad_explosion(t),
+                check_stuck_at_log2(t, init_loss=self.init_loss, warmup_steps=self.warmup_steps),
+                check_likelihood_displacement(t),
+                check_unbounded_margins(t, loss_names=self.loss_names),
+            ]
+        )
+
+    def observe_eval(self, metrics: Mapping[str, Any]) -> list[Finding]:
+        """Record one evaluation (keys plain or ``eval/``-prefixed); return new findings."""
+        row = {k.removeprefix("eval/"): v for k, v in metrics.items()}
+        if "step" not in row and self.train:
+            row["step"] = self.train[-1].get("step", len(self.train))
+        self._append(self.eval, row)
+        return self._emit([check_overfitting(self.train, self.eval)])
+
+    def report(self) -> list[dict[str, Any]]:
+        """All findings so far as JSON-ready dicts, for the run folder's report."""
+        return [f.to_dict() for f in self.findings]
+
+    def _append(self, history: list[dict[str, Any]], row: dict[str, Any]) -> None:
+        history.append(row)
+        if len(history) > self.max_history:
+            del history[: len(history) - self.max_history]
+
+    def _emit(self, candidates: list[Finding | None]) -> list[Finding]:
+        new = []
+        for f in candidates:
+            if f is None:
+                continue
+            last = self._last_fired.get(f.rule)
+            if last is not None and (
+                self.repeat_after is None or f.step - last < self.repeat_after
+            ):
+                continue
+            self._last_fired[f.rule] = f.step
+            self.findings.append(f)
+            new.append(f)
+        return new
