@@ -215,3 +215,17 @@ def test_format_warning_and_report_json():
         "causes",
         "advice",
     }
+
+
+def test_step_argument_and_defaults():
+    diag = Diagnostics(warmup_steps=50)
+    rows = [{k: v for k, v in r.items() if k != "step"} for r in _stuck()]
+    found = [f for i, r in enumerate(rows) for f in diag.observe_train(r, step=10 * i)]
+    assert [(f.rule, f.step) for f in found] == [("stuck_at_log2", 80)]
+    assert diag.train[-1]["step"] == 190
+    diag.observe_eval({"loss": 0.7, "rewards/accuracies": 0.5})  # dated at the last train step
+    assert diag.eval[-1]["step"] == 190
+    counted = Diagnostics()
+    counted.observe_train({"loss": 0.5})
+    counted.observe_train({"loss": 0.4})
+    assert [r["step"] for r in counted.train] == [1, 2]

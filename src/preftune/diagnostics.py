@@ -36,6 +36,7 @@ __all__ = [
     "check_overfitting",
     "check_stuck_at_log2",
     "check_unbounded_margins",
+    "format_finding",
     "format_warning",
     "init_loss_for",
 ]
@@ -70,6 +71,10 @@ def format_warning(f: Finding) -> str:
         if items:
             lines += [f"  {title}:", *(f"    - {x}" for x in items)]
     return "\n".join(lines)
+
+
+#: Alias: the trainer's name for :func:`format_warning`.
+format_finding = format_warning
 
 
 def init_loss_for(
@@ -383,9 +388,18 @@ class Diagnostics:
         self.findings: list[Finding] = []
         self._last_fired: dict[str, int] = {}
 
-    def observe_train(self, metrics: Mapping[str, Any]) -> list[Finding]:
-        """Record one logged train step; return the findings that are new at this step."""
-        self._append(self.train, dict(metrics))
+    def observe_train(self, metrics: Mapping[str, Any], step: int | None = None) -> list[Finding]:
+        """Record one logged train step; return the findings that are new at this step.
+
+        The optimizer step comes from ``step``, else ``metrics["step"]``; pass it -- without either the
+        count of logged rows stands in, which makes ``warmup_steps`` and ``repeat_after`` count log lines.
+        """
+        row = dict(metrics)
+        if step is not None:
+            row["step"] = step
+        elif "step" not in row:
+            row["step"] = (self.train[-1]["step"] + 1) if self.train else 1
+        self._append(self.train, row)
         t = self.train
         return self._emit(
             [
@@ -397,11 +411,16 @@ class Diagnostics:
             ]
         )
 
-    def observe_eval(self, metrics: Mapping[str, Any]) -> list[Finding]:
-        """Record one evaluation (keys plain or ``eval/``-prefixed); return new findings."""
+    def observe_eval(self, metrics: Mapping[str, Any], step: int | None = None) -> list[Finding]:
+        """Record one evaluation (keys plain or ``eval/``-prefixed); return new findings.
+
+        Without ``step`` (or ``metrics["step"]``) the eval is dated at the last observed train step.
+        """
         row = {k.removeprefix("eval/"): v for k, v in metrics.items()}
-        if "step" not in row and self.train:
-            row["step"] = self.train[-1].get("step", len(self.train))
+        if step is not None:
+            row["step"] = step
+        elif "step" not in row:
+            row["step"] = self.train[-1]["step"] if self.train else 0
         self._append(self.eval, row)
         return self._emit([check_overfitting(self.train, self.eval)])
 
