@@ -23,8 +23,9 @@ reference implementation from full logits, used by tests and for models whose he
 Logit transform (as in HF models): ``logits = (h @ W.T + b) * logit_scale``, then
 ``logit_softcap * tanh(logits / logit_softcap)`` when a soft-cap is set.
 
-Dtypes: the maths runs in fp32 whatever the input dtype (bf16 hidden states/weights are upcast one chunk at
-a time); float64 inputs are computed in float64 (for gradcheck). Gradients come back in the inputs' dtypes.
+Dtypes: the maths runs in fp32 whatever the input dtype (bf16 hidden states are upcast one chunk at a time,
+a bf16 LM-head weight once per call); float64 inputs are computed in float64 (for gradcheck). Gradients come
+back in the inputs' dtypes.
 """
 
 from __future__ import annotations
