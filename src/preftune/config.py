@@ -184,9 +184,34 @@ class Config:
 # Loading and coercion
 
 
-def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+def _suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _suggest_key(key: str) -> str:
+    """Suggestion for an unknown dotted key: fix each part within its own section (so that a shared
+    section prefix cannot make unrelated keys look alike), else a field of the same name elsewhere
+    (``lr`` -> ``optim.lr``)."""
+    cls: Any = Config
+    fixed: list[str] = []
+    for part in key.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            break
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            match = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
+            if not match:
+                break
+            part = match[0]
+        fixed.append(part)
+        tp = _hints(cls)[part]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+    else:
+        return f" (did you mean '{'.'.join(fixed)}'?)"
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == leaf]
+    return f" (did you mean {' or '.join(repr(k) for k in same_leaf)}?)" if same_leaf else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -203,6 +228,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         )
         if is_null and type(None) in args:
             return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:  # Optional[X]: X's own message, plus "or null"
+            try:
+                return _coerce(value, non_null[0], key)
+            except ConfigError as e:
+                if not str(e).startswith(f"{key}: "):
+                    raise  # an element's error, e.g. loss.weights[1]
+                raise ConfigError(f"{e} (or null)") from None
         for arg in args:
             if arg is type(None):
                 continue
@@ -211,6 +244,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if value is None and origin in (list, dict):
+        raise ConfigError(f"{key}: expected a {'list' if origin is list else 'mapping'}, got null")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -284,7 +319,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(str(key), names)}")
+            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(str(key), names, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
@@ -316,7 +351,6 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """Apply ``key.sub=value`` strings; values are parsed to the field's type (YAML syntax for lists)."""
-    valid = _all_keys(Config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key.sub=value")
@@ -329,12 +363,17 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
             if isinstance(obj, dict):
                 # A key under a dict-valued field, e.g. loss.params.label_smoothing=0.1.
                 if not last:
-                    raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+                    section = ".".join(parts[:i])
+                    raise ConfigError(
+                        f"unknown key '{key}': set entries of '{section}' as {section}.NAME=VALUE"
+                    )
                 obj[part] = _coerce(yaml.safe_load(raw), value_tp, key)
                 break
+            if not dataclasses.is_dataclass(obj):  # e.g. loss.beta.x=1: beta is a plain value
+                raise ConfigError(f"unknown key '{key}'{_suggest_key(key)}")
             names = [f.name for f in dataclasses.fields(obj)]
             if part not in names:
-                raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}")
+                raise ConfigError(f"unknown key '{key}'{_suggest_key(key)}")
             tp = _hints(type(obj))[part]
             if last:
                 if dataclasses.is_dataclass(tp):
@@ -421,6 +460,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss.weights: {len(cfg.loss.weights)} weights for {len(cfg.loss.name)} losses {cfg.loss.name}"
         )
+    accepted = sorted({k for n in cfg.loss.name for k in LOSSES[n].defaults} - {"beta"})
+    for key in cfg.loss.params:
+        if key == "beta":
+            raise ConfigError("loss.params.beta: set beta as loss.beta")
+        if key not in accepted:
+            raise ConfigError(
+                f"loss.params.{key}: not a hyperparameter of {cfg.loss.name}{_suggest(key, accepted)}; "
+                f"accepted: {', '.join(accepted) or 'none besides loss.beta'}"
+            )
     if cfg.loss.beta is not None and cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
     needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name)
