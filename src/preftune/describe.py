@@ -1,0 +1,187 @@
+"""What ``preftune data`` reports: a dataset loaded and tokenized exactly as training would, described.
+
+Rows read and kept, drops per reason, truncations, token-length percentiles, the padding share at the
+configured batch size (right padding), and a few rendered examples with the response tokens in ⟦brackets⟧.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["describe_dataset", "format_description"]
+
+_FIELDS = ("prompt", "chosen", "rejected")
+_PERCENTILES = (50, 90, 99)
+_OPEN, _CLOSE = "⟦", "⟧"
+
+
+def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, Any]:
+    """Load ``cfg.data`` with ``tokenizer`` (through the tokenized-data cache) and describe it.
+
+    Raises ``preftune.data.DataError`` for malformed data, as training would.
+    """
+    from preftune.data import (
+        DROP_REASONS,
+        batch_indices,
+        load_preference_data,
+        padding_share,
+        pair_lengths,
+        row_lengths,
+    )
+
+    data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    train, eval_ = data.train, data.eval
+    n_train, n_eval = len(train), (len(eval_) if eval_ is not None else 0)
+    lengths = _token_lengths(train)
+
+    padding: dict[str, Any] = {
+        "batch_size": cfg.train.batch_size,
+        "group_by_length": cfg.data.group_by_length,
+        "padding_free": cfg.data.padding_free,
+    }
+    if n_train:
+        rows, pairs = row_lengths(train), pair_lengths(train)
+
+        def share(grouped: bool) -> float:
+            batches = batch_indices(
+                pairs, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, group_by_length=grouped
+            )
+            return padding_share(batches, rows)
+
+        padding["share"] = share(cfg.data.group_by_length)
+        padding["share_other"] = share(not cfg.data.group_by_length)
+
+    return {
+        "train_files": list(cfg.data.train_files),
+        "eval_files": list(cfg.data.eval_files),
+        "shapes": dict(data.shapes),
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "rows_read": data.rows_read,
+        "rows_kept": n_train + n_eval,
+        "train_pairs": n_train,
+        "eval_pairs": n_eval,
+        "drops": {reason: int(data.drops.get(reason, 0)) for reason in DROP_REASONS}
+        | {k: int(v) for k, v in data.drops.items() if k not in DROP_REASONS},
+        "truncations": {k: int(v) for k, v in data.truncations.items()},
+        "lengths": {name: _stats(values) for name, values in lengths.items()},
+        "padding": padding,
+        "examples": [_render(train[i], tokenizer) for i in range(min(examples, n_train))],
+        "cache_path": data.cache_path,
+    }
+
+
+def _token_lengths(dataset: Any) -> dict[str, np.ndarray]:
+    """Token counts per pair: prompt, chosen, rejected, and the longer row (prompt + longer response)."""
+    if len(dataset) == 0:
+        lens = {f: np.zeros(0, dtype=np.int64) for f in _FIELDS}
+    else:
+        import pyarrow.compute as pc
+
+        table = dataset.with_format("arrow")[:]  # list lengths straight from Arrow, no Python lists
+        lens = {
+            f: pc.list_value_length(table[f"{f}_ids"])
+            .to_numpy(zero_copy_only=False)
+            .astype(np.int64)
+            for f in _FIELDS
+        }
+    lens["longer row"] = lens["prompt"] + np.maximum(lens["chosen"], lens["rejected"])
+    return lens
+
+
+def _stats(values: np.ndarray) -> dict[str, int | None]:
+    if values.size == 0:
+        return {**{f"p{q}": None for q in _PERCENTILES}, "max": None}
+    # inverted_cdf: nearest-rank percentiles, always an observed token count.
+    pct = np.percentile(values, _PERCENTILES, method="inverted_cdf")
+    return {**{f"p{q}": int(v) for q, v in zip(_PERCENTILES, pct)}, "max": int(values.max())}
+
+
+def _render(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    return {
+        "index": int(example.get("index", -1)),
+        "weight": float(example.get("weight", 1.0)),
+        **{f"{f}_tokens": len(example[f"{f}_ids"]) for f in _FIELDS},
+        **{f: decode(example[f"{f}_ids"]) for f in _FIELDS},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text
+
+
+def _clip(text: str, limit: int, keep_end: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    return "…" + text[-limit:] if keep_end else text[:limit] + "…"
+
+
+def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
+    """Plain-text report of :func:`describe_dataset`'s dict (no ANSI codes)."""
+    out = []
+    files = ", ".join(d["train_files"]) or "-"
+    shapes = sorted(set(d["shapes"].values()))
+    out.append(f"data:      {files}" + (f"  (shape: {', '.join(shapes)})" if shapes else ""))
+    if d["eval_files"]:
+        out.append(f"eval data: {', '.join(d['eval_files'])}")
+    out.append(
+        f"limits:    max_length {d['max_length']}, max_prompt_length {d['max_prompt_length']}"
+    )
+    out.append(
+        f"rows:      {d['rows_read']} read -> {d['rows_kept']} kept "
+        f"({d['train_pairs']} train, {d['eval_pairs']} eval)"
+    )
+    dropped = sum(d["drops"].values())
+    out.append(f"dropped:   {dropped}" + (" pairs, by reason:" if dropped else ""))
+    for reason, count in d["drops"].items():
+        if dropped:
+            out.append(f"  {reason:<34} {count:>8}")
+    cut = {k: v for k, v in d["truncations"].items() if v}
+    out.append(
+        "truncated: " + (", ".join(f"{k} in {v} pairs" for k, v in cut.items()) if cut else "none")
+    )
+
+    out.append("")
+    out.append(f"tokens per pair (train, n={d['train_pairs']})")
+    cols = [*(f"p{q}" for q in _PERCENTILES), "max"]
+    out.append(f"  {'':<12}" + "".join(f"{c:>8}" for c in cols))
+    for name, stats in d["lengths"].items():
+        cells = ["-" if stats[c] is None else str(stats[c]) for c in cols]
+        out.append(f"  {name:<12}" + "".join(f"{c:>8}" for c in cells))
+
+    pad = d["padding"]
+    if "share" in pad:
+        grouped = pad["group_by_length"]
+        out.append("")
+        out.append(
+            f"padding:   {pad['share']:.1%} of token slots at batch_size {pad['batch_size']} "
+            f"(right padding, group_by_length={str(grouped).lower()}); "
+            f"group_by_length={str(not grouped).lower()} would give {pad['share_other']:.1%}"
+        )
+        if pad["padding_free"]:
+            out.append("           (data.padding_free=true packs rows, so training pads nothing)")
+
+    if d["examples"]:
+        out.append("")
+        out.append(f"examples (response tokens in {_OPEN}{_CLOSE}; prompt shown once):")
+    for i, ex in enumerate(d["examples"], 1):
+        out.append(
+            f"--- example {i}: pair {ex['index']}, prompt {ex['prompt_tokens']} tokens, "
+            f"chosen {ex['chosen_tokens']}, rejected {ex['rejected_tokens']}"
+            + (f", weight {ex['weight']:g}" if ex["weight"] != 1.0 else "")
+        )
+        prompt = _clip(ex["prompt"], max_chars, keep_end=True)
+        out.append(f"{prompt}{_OPEN}{_clip(ex['chosen'], max_chars)}{_CLOSE}")
+        out.append(f"rejected: {_OPEN}{_clip(ex['rejected'], max_chars)}{_CLOSE}")
+    if d["train_pairs"] == 0:
+        out.append("")
+        out.append("no training pairs kept: check the drops above and data.max_length")
+    if d.get("cache_path"):
+        out.append("")
+        out.append(f"tokenized cache: {d['cache_path']}")
+    return "\n".join(out)

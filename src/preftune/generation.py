@@ -1,0 +1,112 @@
+"""Prompt -> text generation with a local model folder (used by ``preftune generate``).
+
+fp32 on CPU, batched, left-padded so that every row's prompt ends at the same position and generation
+continues from real tokens. Temperature 0 means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["generate", "load_for_generation", "read_prompts"]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: JSONL (``.jsonl``/``.json`` lines with a ``prompt`` field) or one per line.
+
+    Blank lines are skipped. Raises ValueError naming the line for a JSONL line without a string prompt.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}, line {lineno}: field 'prompt' must be a string")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def load_for_generation(
+    model_dir: str | Path, *, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder: fp32, CPU, eval mode, tokenizer padding on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = str(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, local_files_only=True, dtype="float32", trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out; any id works, EOS is the usual stand-in.
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        )
+    return model, tokenizer
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    batch_size: int = 8,
+) -> list[str]:
+    """One completion per prompt (special tokens stripped). ``temperature == 0`` decodes greedily."""
+    import torch
+
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; drop --chat")
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    else:
+        texts = list(prompts)
+    tokenizer.padding_side = "left"
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        # top_k=0 switches off a top-k the model's generation_config may carry: the flags decide.
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    torch.manual_seed(seed)
+    out: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        # A chat template already contains BOS and the role markers.
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        new = ids[:, enc["input_ids"].shape[1] :]  # [b, new_tokens]: left padding aligns prompts
+        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return out
