@@ -72,6 +72,7 @@ def char_tokenizer(
         vocab.setdefault(a + b, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, unk_token="<unk>"))
     tok.add_special_tokens(SPECIALS + ROLE_TOKENS)
+    tok.decoder = decoders.Fuse()  # decode without spaces between characters
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
