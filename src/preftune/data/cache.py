@@ -1,0 +1,249 @@
+"""On-disk cache of tokenized splits, keyed by a hash of everything that decides their content.
+
+Layout: ``<root>/data/<key>/{train.arrow, eval.arrow, meta.json}`` where ``root`` is ``cache_dir``, else
+``$PREFTUNE_CACHE``, else ``~/.cache/preftune``. The ``.arrow`` files are Arrow IPC streams, opened
+memory-mapped with ``datasets.Dataset.from_file``. An entry is built in ``<root>/data/.tmp-<key>-<random>/`` and
+renamed into place in one step, so a reader sees a complete entry or none; when two processes race, the first
+rename wins and the other's copy is discarded.
+
+The key is the SHA-256 of (canonical JSON):
+- ``CODE_VERSION`` (bump it whenever tokenization/rendering code changes its output);
+- each input file's content hash (BLAKE2b of its bytes, every file of a saved-dataset folder), with its format
+  and split, in order (the path itself is not part of the key: moving a file keeps its cache). Content hashes
+  are memoised per path under ``<root>/data/filehash/`` together with (size, mtime_ns, ctime_ns, inode); any
+  write to a file changes its ctime, so a changed file is always re-hashed and a stale hash is never reused;
+- the tokenizer fingerprint: its full ``tokenizer.json`` (``backend_tokenizer.to_str()``: vocab, merges,
+  normalizer, pre-tokenizer, post-processor, added tokens), chat template, special tokens and their ids, class;
+- every tokenization setting (shape, columns, max_length, max_prompt_length, prompt_truncation, add_eos) and the
+  eval split (fraction and seed, or eval files). ``on_drop`` is not in the key: a hit re-checks the stored drop
+  counts and raises when ``on_drop="error"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .sources import SourceFile
+
+__all__ = [
+    "CODE_VERSION",
+    "PairWriter",
+    "cache_key",
+    "cache_root",
+    "committed_entry",
+    "file_digest",
+    "read_entry",
+    "source_digest",
+    "split_rows",
+    "tokenizer_fingerprint",
+]
+
+CODE_VERSION = "preftune.data/1"
+_CHUNK = 1 << 20
+_FLUSH_ROWS = 1024
+
+SCHEMA = pa.schema(
+    [
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+        ("weight", pa.float32()),
+        ("index", pa.int64()),
+    ]
+)
+
+
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    base = cache_dir or os.environ.get("PREFTUNE_CACHE") or os.path.join("~", ".cache", "preftune")
+    return Path(os.path.expanduser(str(base))) / "data"
+
+
+# -------------------------------------------------------------------------------------------- hashing
+
+
+def file_digest(path: str | os.PathLike, root: Path | None = None) -> str:
+    """BLAKE2b of a file's bytes; memoised under ``root`` by (size, mtime_ns, ctime_ns, inode)."""
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    memo = None
+    if root is not None:
+        memo = (
+            root
+            / "filehash"
+            / (hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32] + ".json")
+        )
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = json.loads(memo.read_text())
+            if saved["stamp"] == stamp:
+                return saved["digest"]
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f"{memo.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(
+                json.dumps({"stamp": stamp, "digest": digest, "path": os.path.abspath(path)})
+            )
+            os.replace(tmp, memo)
+    return digest
+
+
+def source_digest(src: SourceFile, root: Path | None = None) -> dict:
+    """Content identity of one input (file, or every file of a saved-dataset folder)."""
+    if os.path.isdir(src.path):
+        h = hashlib.blake2b(digest_size=32)
+        for dirpath, dirnames, filenames in os.walk(src.path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                h.update(os.path.relpath(full, src.path).encode() + b"\0")
+                h.update(file_digest(full, root).encode())
+        digest = h.hexdigest()
+    else:
+        digest = file_digest(src.path, root)
+    return {"digest": digest, "format": src.format, "split": src.split}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    specials = {
+        name: [getattr(tokenizer, name, None), getattr(tokenizer, f"{name}_id", None)]
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    extra = {
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "specials": specials,
+        "all_special_tokens": [str(t) for t in getattr(tokenizer, "all_special_tokens", [])],
+    }
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    blob = json.dumps({"code": CODE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+# ------------------------------------------------------------------------------------------ read/write
+
+
+class PairWriter:
+    """Appends tokenized pairs to an Arrow IPC stream; ``index`` counts 0.. in write order."""
+
+    def __init__(self, path: Path, *, with_row: bool = False):
+        self.schema = SCHEMA.append(pa.field("_row", pa.int64())) if with_row else SCHEMA
+        self._writer = pa.ipc.new_stream(str(path), self.schema)
+        self._cols: dict[str, list] = {name: [] for name in self.schema.names}
+        self.count = 0
+
+    def add(
+        self,
+        prompt: list[int],
+        chosen: list[int],
+        rejected: list[int],
+        weight: float,
+        row: int = -1,
+    ):
+        cols = self._cols
+        cols["prompt_ids"].append(prompt)
+        cols["chosen_ids"].append(chosen)
+        cols["rejected_ids"].append(rejected)
+        cols["weight"].append(weight)
+        cols["index"].append(self.count)
+        if "_row" in cols:
+            cols["_row"].append(row)
+        self.count += 1
+        if len(cols["index"]) >= _FLUSH_ROWS:
+            self.flush()
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+
+    def flush(self) -> None:
+        if self._cols["index"]:
+            self._writer.write_batch(pa.record_batch(self._cols, schema=self.schema))
+            self._cols = {name: [] for name in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def split_rows(source: Path, train: Path, eval_: Path, eval_rows: np.ndarray) -> tuple[int, int]:
+    """Split a stream written with ``_row`` into two streams (re-indexed, ``_row`` removed)."""
+    counts = [0, 0]
+    writers = [pa.ipc.new_stream(str(train), SCHEMA), pa.ipc.new_stream(str(eval_), SCHEMA)]
+    try:
+        with pa.memory_map(str(source)) as mm:
+            for batch in pa.ipc.open_stream(mm):
+                is_eval = np.isin(batch.column("_row").to_numpy(), eval_rows)
+                for side, mask in ((0, ~is_eval), (1, is_eval)):
+                    part = batch.filter(pa.array(mask))
+                    if part.num_rows == 0:
+                        continue
+                    index = pa.array(
+                        np.arange(counts[side], counts[side] + part.num_rows, dtype=np.int64)
+                    )
+                    arrays = [part.column(name) for name in SCHEMA.names[:-1]] + [index]
+                    writers[side].write_batch(pa.record_batch(arrays, schema=SCHEMA))
+                    counts[side] += part.num_rows
+    finally:
+        for w in writers:
+            w.close()
+    return counts[0], counts[1]
+
+
+def read_entry(root: Path, key: str) -> dict | None:
+    """The stored meta of a complete entry, or None."""
+    entry = root / key
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = ["train.arrow"] + (["eval.arrow"] if meta.get("has_eval") else [])
+    if not all((entry / f).is_file() for f in files):
+        return None
+    meta["path"] = str(entry)
+    return meta
+
+
+@contextlib.contextmanager
+def committed_entry(root: Path, key: str) -> Iterator[tuple[Path, dict]]:
+    """Stage an entry in a temp folder; on success write ``meta`` and rename it into place atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    meta: dict = {}
+    try:
+        yield tmp, meta
+        (tmp / "meta.json").write_text(
+            json.dumps({"code": CODE_VERSION, **meta}, indent=1, sort_keys=True)
+        )
+        target = root / key
+        if target.exists() and read_entry(root, key) is None:  # a broken entry: replace it
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if read_entry(root, key) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
