@@ -27,9 +27,8 @@ CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 ?!.,:+-=\n"
 # Tiny local tokenizer, model and data (nothing downloaded)
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    """A character-level fast tokenizer with BOS/EOS/PAD and a chat template, saved to a folder."""
+def make_tokenizer(out: Path) -> Path:
+    """A character-level fast tokenizer with BOS/EOS/PAD and a chat template, saved to ``out``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -51,20 +50,15 @@ def tok_dir(tmp_path_factory) -> Path:
         "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
-    out = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="module")
-def model_dir(tok_dir, tmp_path_factory) -> Path:
-    """A random-init tiny Llama with the tiny tokenizer beside it."""
-    import shutil
-
+def make_model(out: Path) -> Path:
+    """A random-init tiny Llama with the tiny tokenizer beside it, saved to ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("model")
     config = LlamaConfig(
         vocab_size=4 + len(CHARS),
         hidden_size=16,
@@ -79,9 +73,18 @@ def model_dir(tok_dir, tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
-    for f in tok_dir.iterdir():
-        shutil.copy(f, out / f.name)
+    make_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("model"))
 
 
 def write_pairs(path: Path, n: int = 12, extra: list[dict] | None = None) -> Path:

@@ -110,8 +110,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_file = _existing_path(args.data, "data file")
     if args.beta <= 0:
         raise UsageError(f"--beta must be > 0, got {args.beta}")
+    from transformers.utils import logging as hf_logging
+
     from preftune.evaluation import evaluate_model
 
+    hf_logging.disable_progress_bar()
     metrics = evaluate_model(
         str(model_dir),
         str(data_file),
@@ -124,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2))
         return 0
     print(f"model: {model_dir}")
-    print(f"ref:   {ref_dir or '(none: policy log-probs only)'}")
+    print(f"ref:   {ref_dir or '(none: rewards are beta * mean per-token log-prob, as in SimPO)'}")
     print(f"data:  {data_file}  (beta={args.beta})")
     print(_table(metrics))
     return 0
@@ -252,6 +255,8 @@ def _table(metrics: dict[str, Any]) -> str:
     rows = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
     for key, value in metrics.items():
         value = _jsonable(value)
+        if key == "pairs" and isinstance(value, float) and value.is_integer():
+            value = int(value)
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         rows.append(f"{key:<{width}}  {shown:>12}")
     return "\n".join(rows)
