@@ -3,8 +3,9 @@
 Layout: ``<root>/data/<key>/{train.arrow, eval.arrow, meta.json}`` where ``root`` is ``cache_dir``, else
 ``$PREFTUNE_CACHE``, else ``~/.cache/preftune``. The ``.arrow`` files are Arrow IPC streams, opened
 memory-mapped with ``datasets.Dataset.from_file``. An entry is built in ``<root>/data/.tmp-<key>-<random>/`` and
-renamed into place in one step, so a reader sees a complete entry or none; when two processes race, the first
-rename wins and the other's copy is discarded.
+renamed into place in one step, so a reader sees a complete entry or none; when two processes race (e.g. every
+DDP rank on a cold cache), the first rename wins and the other's copy is discarded. Staging folders left by a
+crashed run are removed once they are a day old.
 
 The key is the SHA-256 of (canonical JSON):
 - ``CODE_VERSION`` (bump it whenever tokenization/rendering code changes its output);
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,10 +227,20 @@ def read_entry(root: Path, key: str) -> dict | None:
     return meta
 
 
+def _remove_stale_staging(root: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove staging folders left by runs that died mid-write (older than a day, so never a live one)."""
+    now = time.time()
+    for tmp in root.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def committed_entry(root: Path, key: str) -> Iterator[tuple[Path, dict]]:
     """Stage an entry in a temp folder; on success write ``meta`` and rename it into place atomically."""
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
     tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     meta: dict = {}
