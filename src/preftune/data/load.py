@@ -61,9 +61,8 @@ class PreferenceData:
     rows_read: int  # records read from all files (train + eval), dropped ones included
     fingerprint: str  # the cache key: equal fingerprints mean identical tokenized data
     drops_by_split: dict[str, dict[str, int]] = field(default_factory=dict)
-    truncations: dict[str, int] = field(
-        default_factory=dict
-    )  # field -> pairs truncated (both splits)
+    # field (prompt/chosen/rejected) -> pairs truncated, both splits
+    truncations: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, str] = field(default_factory=dict)  # file -> detected shape
     cache_path: str = ""
     cache_hit: bool = False
