@@ -1,0 +1,158 @@
+"""Reference strategies: where π_ref's log-probs come from (FORMULAS.md "The reference model").
+
+Each strategy has one job, answering ``logps(batch, split)`` with detached ``(ref_chosen_logps,
+ref_rejected_logps)``:
+
+- :class:`CopyReference`: a frozen copy of the starting policy (or another folder), eval mode, no grad.
+- :class:`PrecomputedReference`: log-probs computed once at θ₀ before training, cached on disk under a key
+  that hashes the reference weights, the tokenized data and the settings; the model is freed afterwards.
+- :class:`AdapterReference`: with LoRA, the policy itself with its adapters disabled.
+
+Recomputing "reference" log-probs from the weights being trained is wrong after the first step and is
+deliberately not offered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from preftune.data import pair_lengths
+from preftune.modeling import SequenceLogpsModel, forward_pairs, unwrap_causal_lm
+
+__all__ = [
+    "AdapterReference",
+    "CopyReference",
+    "PrecomputedReference",
+    "Reference",
+    "hash_weights",
+    "precompute_logps",
+]
+
+
+class Reference:
+    """Interface: detached reference log-prob sums for the pairs of a collated batch."""
+
+    key: str | None = None
+
+    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class CopyReference(Reference):
+    """A frozen copy of the starting policy (never the weights being trained)."""
+
+    def __init__(self, model: nn.Module, *, chunk_size: int):
+        frozen = copy.deepcopy(unwrap_causal_lm(model))
+        frozen.eval()
+        frozen.requires_grad_(False)
+        self.module = SequenceLogpsModel(frozen, chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+        out = forward_pairs(self.module, batch)
+        return out.chosen_logps, out.rejected_logps
+
+
+class AdapterReference(Reference):
+    """The LoRA policy with adapters disabled: the base weights are frozen, so this is π at θ₀."""
+
+    def __init__(self, policy: SequenceLogpsModel):
+        if not hasattr(policy.model, "disable_adapter"):
+            raise ValueError("the adapter reference needs a PEFT (LoRA) model")
+        self.policy = policy
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+        with self.policy.model.disable_adapter():
+            out = forward_pairs(self.policy, batch)
+        return out.chosen_logps, out.rejected_logps
+
+
+class PrecomputedReference(Reference):
+    """Reference log-probs looked up by pair index from tables computed once at θ₀."""
+
+    def __init__(self, tables: dict[str, Tensor], key: str):
+        self.tables = tables  # split -> [N, 2] fp32 (chosen, rejected)
+        self.key = key
+
+    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+        table = self.tables[split]
+        rows = table[batch["index"].to(table.device)]  # [B, 2]
+        device = batch["input_ids"].device
+        return rows[:, 0].to(device), rows[:, 1].to(device)
+
+    @staticmethod
+    def cache_path(cache_dir: Path, key: str) -> Path:
+        return Path(cache_dir) / "reference" / f"{key}.pt"
+
+    @classmethod
+    def load(cls, cache_dir: Path, key: str) -> PrecomputedReference | None:
+        path = cls.cache_path(cache_dir, key)
+        if not path.is_file():
+            return None
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(payload["tables"], key)
+
+    def save(self, cache_dir: Path) -> Path:
+        path = self.cache_path(cache_dir, self.key or "unkeyed")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"tables": {k: v.cpu() for k, v in self.tables.items()}}, tmp)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+        return path
+
+
+def hash_weights(model: nn.Module) -> str:
+    """Content hash of every parameter and buffer, so a cache can never outlive the weights it came from."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(unwrap_causal_lm(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(str(tensor.dtype).encode())
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def precompute_logps(
+    module: SequenceLogpsModel,
+    dataset,
+    collate,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    progress: bool = True,
+    desc: str = "reference log-probs",
+    indices: list[int] | None = None,
+) -> Tensor:
+    """One no-grad pass over ``dataset`` (or the given ``indices`` of it): table [N, 2] of log-prob sums.
+
+    Pairs are visited in length order so that batches carry little padding.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    table = torch.zeros(n, 2, dtype=torch.float32)
+    order = list(range(n)) if indices is None else list(indices)
+    lengths = pair_lengths(dataset)
+    order.sort(key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = collate([dataset[i] for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = forward_pairs(module, batch)
+        rows = torch.stack([out.chosen_logps, out.rejected_logps], dim=1).float().cpu()
+        table[torch.as_tensor(idx)] = rows
+    return table

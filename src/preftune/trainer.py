@@ -1,0 +1,403 @@
+"""The training loop: policy + reference + preference pairs -> a better model folder.
+
+Read :func:`train` top to bottom: set up the run, then one optimizer step per window of micro-batches.
+Gradient accumulation is exact (FORMULAS.md): every micro-batch loss is divided by the pair and token totals
+of its whole window (and of all ranks), so k micro-steps give the gradient of one big batch. The loss is
+whatever ``cfg.loss`` names; the loop never looks at the name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from preftune import build
+from preftune.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.config import Config, config_to_dict
+from preftune.data import batch_indices, collate_pairs, load_preference_data, pair_lengths
+from preftune.diagnostics import Diagnostics, format_warning
+from preftune.distributed import DistContext, init_distributed
+from preftune.evaluation import StepMetrics, evaluate
+from preftune.modeling import forward_pairs, resolve_device
+from preftune.tracking import MetricsLogger, ProgressBar, write_json
+
+__all__ = ["TrainResult", "TrainingError", "train", "window_backward"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A failure during training; ``last_checkpoint`` says where a resume would start."""
+
+    def __init__(self, message: str, last_checkpoint: Path | None = None):
+        super().__init__(message)
+        self.last_checkpoint = last_checkpoint
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_model_dir: Path | None
+    last_checkpoint: Path | None
+    steps: int
+    final_eval: dict[str, float] = field(default_factory=dict)
+
+
+def train(cfg: Config) -> TrainResult:
+    dist = init_distributed(resolve_device(cfg.train.device))
+    device = dist.device
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    autocast = build.autocast_factory(cfg, device)
+    show = cfg.log.progress and dist.is_main
+
+    # Data: tokenized once (cached), dropped pairs counted and written to the run folder.
+    tokenizer = build.build_tokenizer(cfg)
+    data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    if len(data.train) == 0:
+        raise TrainingError(f"no training pairs left after filtering (drops: {data.drops})")
+    if dist.is_main:
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        write_json(run_dir / "data_drops.json", {"rows_read": data.rows_read, "drops": data.drops})
+    pad_id = tokenizer.pad_token_id
+
+    def collate(examples):
+        return collate_pairs(examples, pad_id)
+
+    # Policy, then the reference from θ₀, and only then a checkpoint's weights.
+    policy_model, policy = build.build_policy(cfg, device)
+    log.info("log-probs: %s", "chunked LM head" if policy.uses_chunked_head else "full logits")
+    reference = build.build_reference(
+        cfg, policy, data, collate, device=device, autocast=autocast, progress=show
+    )
+    loss_fn = build.build_loss_fn(cfg)
+    lengths = pair_lengths(data.train)
+    micro_per_epoch = math.ceil(len(lengths) / (cfg.train.batch_size * dist.world_size))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    optimizer = build.build_optimizer(cfg, policy_model)
+    scheduler = build.build_scheduler(cfg, optimizer, total_steps)
+    model = policy  # the module the forward goes through (DDP/FSDP wrap it here under torchrun)
+
+    state = TrainState(reference_key=getattr(reference, "key", None))
+    ckpt = _resume_from(cfg, run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=policy_model, optimizer=optimizer, scheduler=scheduler)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    last_ckpt = ckpt
+
+    metrics_log = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, is_main=dist.is_main)
+    metrics_log.truncate_after(state.step)
+    diagnostics = None
+    if cfg.log.diagnostics:
+        diagnostics = Diagnostics(
+            loss_names=cfg.loss.name,
+            loss_weights=cfg.loss.weights,
+            warmup_steps=build.warmup_steps(cfg, total_steps),
+        )
+    bar = ProgressBar(total=total_steps, initial=state.step, enabled=show, is_main=dist.is_main)
+    stop = _StopFlag()
+    window_metrics = StepMetrics(device)
+    t_log, tokens_since_log = time.perf_counter(), 0
+
+    while state.step < total_steps:
+        batches = batch_indices(
+            lengths,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            epoch=state.epoch,
+            group_by_length=cfg.data.group_by_length,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        while state.batch_in_epoch < len(batches) and state.step < total_steps:
+            window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
+            micro = [collate([data.train[i] for i in idx]) for idx in window]
+            tokens_since_log += sum(int(b["attention_mask"].sum()) for b in micro)
+            n_pairs = window_backward(
+                model,
+                reference,
+                micro,
+                loss_fn,
+                device=device,
+                autocast=autocast,
+                dist=dist,
+                metrics=window_metrics,
+            )
+            grad_norm = _clip(policy_model, cfg.optim.max_grad_norm)
+            # One host sync per optimizer step (never per micro-step) guards the weights.
+            if not bool(torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped_steps += 1
+                if not cfg.train.skip_nonfinite:
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {state.step + 1}; "
+                        "lower optim.lr, check model.dtype, or set train.skip_nonfinite=true",
+                        last_ckpt,
+                    )
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_metrics.add_grad_norm(grad_norm)
+            scheduler.step()
+            state.step += 1
+            state.batch_in_epoch += len(window)
+            state.pairs_seen += n_pairs
+            bar.update(1)
+
+            if state.step % cfg.log.log_every == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - t_log
+                row = window_metrics.pop()
+                row["learning_rate"] = scheduler.get_last_lr()[0]
+                row["tokens_per_s"] = tokens_since_log * dist.world_size / max(elapsed, 1e-9)
+                t_log, tokens_since_log = time.perf_counter(), 0
+                metrics_log.log(state.step, row)
+                bar.set_postfix(row)
+                _diagnose(diagnostics, row, "train", bar, state.step)
+            if (
+                cfg.train.eval_every
+                and state.step % cfg.train.eval_every == 0
+                and data.eval is not None
+            ):
+                _run_eval(
+                    model,
+                    reference,
+                    data.eval,
+                    collate,
+                    loss_fn,
+                    cfg,
+                    device,
+                    autocast,
+                    state,
+                    metrics_log,
+                    diagnostics,
+                    bar,
+                )
+            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stop.requested:
+                last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
+            if stop.requested:
+                raise TrainingError(
+                    f"stopped by {stop.signame} after step {state.step}; resume with train.resume=auto",
+                    last_ckpt,
+                )
+        if state.batch_in_epoch >= len(batches):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    final_eval = {}
+    if data.eval is not None:
+        final_eval = _run_eval(
+            model,
+            reference,
+            data.eval,
+            collate,
+            loss_fn,
+            cfg,
+            device,
+            autocast,
+            state,
+            metrics_log,
+            diagnostics,
+            bar,
+        )
+    last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
+    bar.close()
+    final_dir = (
+        _save_final(run_dir, policy_model, tokenizer, cfg)
+        if cfg.train.save_final and dist.is_main
+        else None
+    )
+    if dist.is_main:
+        report = {
+            "steps": state.step,
+            "skipped_steps": state.skipped_steps,
+            "final_eval": final_eval,
+            "diagnostics": diagnostics.report() if diagnostics else [],
+            "log_probs": "chunked LM head" if policy.uses_chunked_head else "full logits",
+            "drops": data.drops,
+        }
+        write_json(run_dir / "report.json", report)
+    metrics_log.close()
+    stop.restore()
+    return TrainResult(run_dir, final_dir, last_ckpt, state.step, final_eval)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers the loop calls
+
+
+def window_backward(
+    model,
+    reference,
+    micro: list[dict[str, Tensor]],
+    loss_fn,
+    *,
+    device,
+    autocast,
+    dist: DistContext,
+    metrics: StepMetrics | None = None,
+) -> int:
+    """Forward and backward over one window of micro-batches; gradients equal one big batch's.
+
+    Each micro-batch loss is ``Σ w·pair_losses / N_pairs + Σ w·token_losses / N_tokens`` with the window's
+    totals over all ranks (FORMULAS.md), known before the first backward. Returns the window's pair count.
+    """
+    totals = dist.all_reduce_sum(
+        torch.tensor(
+            [sum(_num_pairs(b) for b in micro), sum(_chosen_tokens(b) for b in micro)],
+            dtype=torch.float64,
+        )
+    )
+    n_pairs, n_tokens = float(totals[0]), max(float(totals[1]), 1.0)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with dist.grad_sync(model, sync=i == len(micro) - 1), autocast():
+            pol = forward_pairs(model, batch)
+            ref_c, ref_r = reference.logps(batch) if reference else (None, None)
+            out = loss_fn(
+                pol.chosen_logps,
+                pol.rejected_logps,
+                ref_c,
+                ref_r,
+                chosen_tokens=pol.chosen_tokens,
+                rejected_tokens=pol.rejected_tokens,
+            )
+            w = batch["weights"]
+            loss = (w * out.losses).sum() / n_pairs + (w * out.token_losses).sum() / n_tokens
+            # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
+            (loss * dist.world_size).backward()
+        if metrics is not None:
+            metrics.add(loss.detach(), out, pol)
+    return int(n_pairs)
+
+
+def _num_pairs(batch: dict[str, Tensor]) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+def _chosen_tokens(batch: dict[str, Tensor]) -> int:
+    b = batch["input_ids"].shape[0] // 2
+    return int(batch["completion_mask"][:b, 1:].sum())
+
+
+def _clip(model, max_norm: float | None) -> Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm is None:
+        norms = [p.grad.detach().norm() for p in params]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(cfg.train.resume)
+    if not path.is_dir():
+        raise TrainingError(f"train.resume: checkpoint folder {path} not found")
+    return path
+
+
+def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -> Path | None:
+    path = None
+    if dist.is_main:
+        path = save_checkpoint(
+            run_dir,
+            state,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            keep_last=cfg.train.keep_last,
+        )
+    dist.barrier()
+    return path
+
+
+def _save_final(run_dir: Path, model, tokenizer, cfg: Config) -> Path:
+    """The final model as an ordinary Hugging Face folder (adapter folder with LoRA, plus merged on request)."""
+    import os
+    import shutil
+
+    final = run_dir / "final"
+    tmp = run_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "final-merged")
+    return final
+
+
+def _run_eval(
+    model,
+    reference,
+    dataset,
+    collate,
+    loss_fn,
+    cfg,
+    device,
+    autocast,
+    state,
+    metrics_log,
+    diagnostics,
+    bar,
+) -> dict[str, float]:
+    row = evaluate(
+        model,
+        reference,
+        dataset,
+        collate,
+        loss_fn,
+        batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+        device=device,
+        autocast=autocast,
+    )
+    metrics_log.log(state.step, row, split="eval")
+    bar.write("eval " + metrics_log.format_line(state.step, row))
+    _diagnose(diagnostics, row, "eval", bar, state.step)
+    return row
+
+
+def _diagnose(diagnostics, row, split, bar, step: int) -> None:
+    if diagnostics is None:
+        return
+    observe = diagnostics.observe_train if split == "train" else diagnostics.observe_eval
+    findings = observe(row, step=step)
+    for finding in findings:
+        bar.write(format_warning(finding))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM: finish the current step, checkpoint, then stop with a resume hint."""
+
+    def __init__(self):
+        self.requested = False
+        self.signame = ""
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signame = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,92 @@
+"""Tiny models, tokenizers and preference data built inside the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+CHARS = string.ascii_lowercase + string.digits + " ?!.,:+-=\n"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def make_char_tokenizer(out_dir: Path, *, bos: bool = True):
+    """A character-level fast tokenizer (one token per character) saved as a HF tokenizer folder."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    out_dir = Path(out_dir)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_tiny_llama(
+    out_dir: Path,
+    *,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    tie: bool = True,
+    save_tokenizer: bool = True,
+):
+    """A random-init tiny Llama saved (safetensors) with the char tokenizer beside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = make_char_tokenizer(out_dir) if save_tokenizer else None
+    vocab_size = vocab_size or len(SPECIALS) + len(CHARS)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model, tokenizer
+
+
+def toy_pairs(n: int = 64, seed: int = 0) -> list[dict]:
+    """A learnable preference: for a word prompt, prefer ' yes <word>' over ' no'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+        rows.append({"prompt": f"{word}?", "chosen": f" yes {word[::-1]}.", "rejected": " no."})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

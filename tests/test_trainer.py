@@ -1,0 +1,337 @@
+"""The training loop on a tiny random-init Llama built in the test (no download)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import make_tiny_llama, toy_pairs, write_jsonl
+
+from preftune.config import Config, validate
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(d, seed=0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", toy_pairs(64, seed=0))
+
+
+def make_cfg(model_dir: Path, data_file: Path, out: Path, **over) -> Config:
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    cfg.data.train_files = [str(data_file)]
+    cfg.data.max_length = 64
+    cfg.data.max_prompt_length = 32
+    cfg.train.output_dir = str(out)
+    cfg.train.batch_size = 8
+    cfg.train.max_steps = 4
+    cfg.train.seed = 0
+    cfg.optim.lr = 3e-3
+    cfg.optim.warmup_ratio = 0.0
+    cfg.log.log_every = 1
+    cfg.log.progress = False
+    cfg.log.tensorboard = False
+    for key, value in over.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    validate(cfg)
+    return cfg
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [
+        ("sigmoid", {}),
+        ("ipo", {"loss__beta": 0.5}),
+        ("simpo", {"loss__beta": 2.0}),
+        ("orpo", {}),
+    ],
+)
+def test_loss_falls_and_accuracy_rises(tiny_dir, pairs_file, tmp_path, loss, extra):
+    from preftune.trainer import train
+
+    cfg = make_cfg(
+        tiny_dir, pairs_file, tmp_path / "run", loss__name=[loss], train__max_steps=30, **extra
+    )
+    train(cfg)
+    rows = read_metrics(tmp_path / "run")
+    first, last = rows[:3], rows[-3:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss") - 0.05, (loss, first, last)
+    assert mean(last, "rewards/accuracies") >= 0.9, (loss, last)
+
+
+@pytest.mark.parametrize("strategy", ["copy", "precomputed", "adapter"])
+def test_every_reference_strategy_starts_at_log2(tiny_dir, pairs_file, tmp_path, strategy):
+    """At θ₀ the policy equals the reference, so h = 0 and −log σ(0) = log 2 for every pair."""
+    from preftune.trainer import train
+
+    over = {"reference__strategy": strategy, "train__max_steps": 1}
+    if strategy == "adapter":
+        over["model__lora"] = type(Config().model.lora)(
+            enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]
+        )
+    cfg = make_cfg(tiny_dir, pairs_file, tmp_path / "run", **over)
+    train(cfg)
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_precomputed_cache_reused_and_invalidated(tiny_dir, tmp_path, monkeypatch):
+    import preftune.build as build
+    from preftune.trainer import train
+
+    calls = []
+    real = build.precompute_logps
+    monkeypatch.setattr(build, "precompute_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", toy_pairs(16, seed=1))
+    over = {"reference__strategy": "precomputed", "train__max_steps": 1}
+    train(make_cfg(tiny_dir, data, tmp_path / "r1", **over))
+    assert len(calls) == 1
+    train(make_cfg(tiny_dir, data, tmp_path / "r2", **over))
+    assert len(calls) == 1, (
+        "second run on the same inputs must reuse the cached reference log-probs"
+    )
+    write_jsonl(data, toy_pairs(16, seed=2))
+    train(make_cfg(tiny_dir, data, tmp_path / "r3", **over))
+    assert len(calls) == 2, "changed data must invalidate the reference cache"
+
+
+def _grads_after_window(model_dir, pairs, windows, loss, weights=None):
+    """fp64 gradients after one optimizer window made of the given micro-batch index lists."""
+    from preftune.build import build_loss_fn
+    from preftune.data import collate_pairs
+    from preftune.distributed import DistContext
+    from preftune.modeling import SequenceLogpsModel, load_model
+    from preftune.reference import CopyReference
+    from preftune.trainer import window_backward
+
+    model = load_model(model_dir, device=torch.device("cpu")).double()
+    policy = SequenceLogpsModel(model, chunk_size=7)
+    reference = CopyReference(model, chunk_size=5)
+    cfg = Config()
+    cfg.loss.name = loss
+    cfg.loss.weights = weights
+    micro = [collate_pairs([pairs[i] for i in idx], 0) for idx in windows]
+    window_backward(
+        policy,
+        reference,
+        micro,
+        build_loss_fn(cfg),
+        device=torch.device("cpu"),
+        autocast=_null,
+        dist=DistContext(),
+    )
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(
+    ("loss", "weights"), [(["sigmoid"], None), (["ipo"], None), (["sigmoid", "sft"], [1.0, 0.5])]
+)
+def test_accumulation_equals_one_big_batch(tiny_dir, tmp_path, loss, weights):
+    """k unequal micro-batches (3 + 1 + 2 pairs) give the gradient of one batch of the same 6 pairs.
+
+    At θ₀ the margins are 0 but the gradients are not (d/dh of −log σ(βh) is −β/2; IPO's is −1/β·...);
+    the token-level sft term weighs pairs by their (unequal) token counts, so dividing each micro-batch
+    mean by the number of micro-batches would fail this test.
+    """
+    from preftune.build import build_tokenizer
+    from preftune.config import DataConfig
+    from preftune.data import load_preference_data
+
+    data_cfg = DataConfig(
+        train_files=[str(write_jsonl(tmp_path / "d.jsonl", toy_pairs(6, seed=3)))]
+    )
+    cfg = Config()
+    cfg.model.path = str(tiny_dir)
+    data = load_preference_data(data_cfg, build_tokenizer(cfg))
+    pairs = [data.train[i] for i in range(6)]
+    big = _grads_after_window(tiny_dir, pairs, [[0, 1, 2, 3, 4, 5]], loss, weights)
+    small = _grads_after_window(tiny_dir, pairs, [[0, 1, 2], [3], [4, 5]], loss, weights)
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-10, atol=1e-10, msg=name)
+    assert any(g.abs().sum() > 0 for g in big.values())
+
+
+def test_same_seed_gives_bitwise_same_weights(tiny_dir, pairs_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from preftune.trainer import train
+
+    a = train(make_cfg(tiny_dir, pairs_file, tmp_path / "a", train__max_steps=3))
+    b = train(make_cfg(tiny_dir, pairs_file, tmp_path / "b", train__max_steps=3))
+    wa = load_file(a.final_model_dir / "model.safetensors")
+    wb = load_file(b.final_model_dir / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_saved_model_reloads_and_gives_same_logps(tiny_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.data import collate_pairs
+    from preftune.logprobs import sequence_logps
+    from preftune.modeling import SequenceLogpsModel, forward_pairs
+    from preftune.trainer import train
+
+    result = train(make_cfg(tiny_dir, pairs_file, tmp_path / "run", train__max_steps=2))
+    tok = AutoTokenizer.from_pretrained(result.final_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
+    ids = tok("abc? yes", return_tensors="pt").input_ids
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    batch = collate_pairs(
+        [
+            {
+                "prompt_ids": [1, 5, 6],
+                "chosen_ids": [7, 8],
+                "rejected_ids": [9],
+                "weight": 1.0,
+                "index": 0,
+            }
+        ],
+        0,
+    )
+    ours = forward_pairs(SequenceLogpsModel(model), batch)
+    full = sequence_logps(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch["input_ids"],
+        batch["completion_mask"],
+    )[0]
+    torch.testing.assert_close(
+        torch.cat([ours.chosen_logps, ours.rejected_logps]), full, rtol=1e-5, atol=1e-5
+    )
+    assert (tmp_path / "run" / "report.json").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "data_drops.json").is_file()
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_dir, pairs_file, tmp_path, monkeypatch):
+    import preftune.build as build
+    from preftune.trainer import TrainingError, train
+
+    real = build.build_loss_fn
+
+    def poisoned(cfg):
+        fn = real(cfg)
+
+        def call(*a, **k):
+            out = fn(*a, **k)
+            out.losses = out.losses * float("nan")
+            return out
+
+        return call
+
+    monkeypatch.setattr(build, "build_loss_fn", poisoned)
+    with pytest.raises(TrainingError, match="step 1"):
+        train(make_cfg(tiny_dir, pairs_file, tmp_path / "run"))
+    result = train(
+        make_cfg(
+            tiny_dir, pairs_file, tmp_path / "run2", train__skip_nonfinite=True, train__max_steps=2
+        )
+    )
+    report = json.loads((result.output_dir / "report.json").read_text())
+    assert report["skipped_steps"] == 2
+
+
+_RUNNER = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from test_trainer import make_cfg
+    from preftune.trainer import train
+    real_step = torch.optim.AdamW.step
+    def slow_step(self, *a, **k):
+        time.sleep(float({delay!r}))
+        return real_step(self, *a, **k)
+    torch.optim.AdamW.step = slow_step
+    cfg = make_cfg({model!r}, {data!r}, {out!r}, train__max_steps=12, train__save_every=3, train__grad_accum=2)
+    train(cfg)
+    """
+)
+
+
+def _run_training(model, data, out, delay=0.0):
+    code = _RUNNER.format(
+        tests=str(Path(__file__).parent),
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        delay=delay,
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def test_sigkill_then_resume_gives_bitwise_same_weights(tiny_dir, pairs_file, tmp_path):
+    """Kill -9 after the step-6 checkpoint; resuming must end bitwise where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    full = _run_training(tiny_dir, pairs_file, tmp_path / "full")
+    assert full.wait(timeout=300) == 0, full.stdout.read().decode()
+
+    victim = _run_training(tiny_dir, pairs_file, tmp_path / "killed", delay=0.3)
+    marker = tmp_path / "killed" / "checkpoints" / "step-00000006" / "COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+
+    resumed = _run_training(tiny_dir, pairs_file, tmp_path / "killed")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12, steps
+
+
+def test_sigterm_checkpoints_and_exits_nonzero(tiny_dir, pairs_file, tmp_path):
+    proc = _run_training(tiny_dir, pairs_file, tmp_path / "run", delay=0.3)
+    first = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode != 0
+    assert "resume" in out
+    from preftune.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "run") is not None
