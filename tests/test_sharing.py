@@ -150,6 +150,25 @@ def test_qwen2_bias_and_gradient_checkpointing():
     _assert_same(_run(shared, shared_model_inputs(collate_shared(pairs, PAD))), ref)
 
 
+def test_lora_policy_and_adapter_off():
+    peft = pytest.importorskip("peft")
+    model = _llama(tie=False)
+    pairs = _pairs(seed=7)
+    lora_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    base = peft.get_peft_model(copy.deepcopy(model), lora_cfg)
+    for name, p in base.named_parameters():  # non-zero adapters, so the LoRA path matters
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    shared_peft = copy.deepcopy(base)
+    ref = _run(SequenceLogpsModel(base, chunk_size=5), _padded(pairs, PAD))
+    shared = SharedPrefixLogpsModel(shared_peft, chunk_size=5)
+    _assert_same(_run(shared, shared_model_inputs(collate_shared(pairs, PAD))), ref)
+    with torch.no_grad(), shared.model.disable_adapter():
+        off = shared(**shared_model_inputs(collate_shared(pairs, PAD)))[0]
+        ref_off = SequenceLogpsModel(model)(**_padded(pairs, PAD))[0]
+    torch.testing.assert_close(off, ref_off, atol=1e-5, rtol=1e-5)
+
+
 def test_switched_model_still_exact_for_padded_batches():
     """After the switch, ordinary (padded, masked) calls behave exactly as SDPA."""
     model = _llama()

@@ -261,6 +261,7 @@ class SharedPrefixLogpsModel(nn.Module):
                 raise _refuse(lm, "it does not follow transformers' AttentionInterface")
             log.info("attention of %s: %s -> %s", type(lm).__name__, previous, ATTENTION_NAME)
         self.num_layers = getattr(config, "num_hidden_layers", None)
+        self.uses_chunked_head = True  # same flag as SequenceLogpsModel (the trainer reports it)
 
     def forward(
         self,
