@@ -13,11 +13,21 @@ The shipped base model lives in ``base_model/`` (:data:`BASE_MODEL_DIR`, ~2 MB, 
 ``preftune_demo.json`` recording its settings and accuracy). Rebuild it (about 1–2 minutes on 2 cores):
 
     python -m preftune.demo.build_base --out src/preftune/demo/base_model --seed 0
+
+:func:`run_demo` (:mod:`~preftune.demo.runner`) runs the whole demo; its training config is ``demo.yaml``.
 """
 
 from pathlib import Path
 
-__all__ = ["BASE_MODEL_DIR"]
+__all__ = ["BASE_MODEL_DIR", "run_demo"]
 
 BASE_MODEL_DIR = Path(__file__).parent / "base_model"
 """The shipped base model folder (loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``)."""
+
+
+def __getattr__(name: str):
+    if name == "run_demo":  # lazily, so that importing the demo's pieces does not import the runner
+        from preftune.demo.runner import run_demo
+
+        return run_demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,8 @@
 - Implicit-reward accuracy (DPO §5): share of pairs where β·(log π − log π_ref) is larger for chosen than
   for rejected; β > 0 does not change which is larger, so none is needed.
 
-The response log-probs here follow FORMULAS.md (logits at t predict token t+1; only response tokens
-count). Vocabularies are tiny, so the full log-softmax is fine in this module.
+The response log-probs go through :func:`preftune.logprobs.sequence_logps`, the trainer's own reference
+implementation (logits at t predict token t+1; only response tokens count), so the shift lives in one place.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from preftune.demo import task
 from preftune.demo.sampling import decode_answers, generate_ids
+from preftune.logprobs import sequence_logps
 
 __all__ = [
     "before_after_samples",
@@ -88,10 +89,8 @@ def response_logps(
         pos = torch.arange(width)
         attention_mask = (pos < lengths[:, None]).long()
         completion_mask = (pos >= starts[:, None]) & (pos < lengths[:, None])  # [B, T]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
-        token_logps = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        out.append((token_logps * completion_mask[:, 1:]).sum(-1))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        out.append(sequence_logps(logits, input_ids, completion_mask)[0])  # the shift lives there
     return torch.cat(out)
 
 

@@ -1,0 +1,61 @@
+"""The demo runner: a quick run leaves the report files with finite numbers; the shipped config is valid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from preftune.config import load_config
+from preftune.demo import BASE_MODEL_DIR, run_demo
+from preftune.demo.runner import _finite, _sweep_runs, demo_config_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    return run_demo(str(tmp_path_factory.mktemp("demo")), seed=0, quick=True)
+
+
+def test_quick_demo_writes_report_files(quick_run: Path):
+    for name in (
+        "report.json",
+        "report.md",
+        "curves.png",
+        "pairs/train.jsonl",
+        "pairs/heldout.jsonl",
+    ):
+        assert (quick_run / name).is_file(), name
+    final = quick_run / "train" / "final"
+    assert (final / "config.json").is_file()
+    assert (quick_run / "train" / "metrics.jsonl").is_file()
+    assert (quick_run / "curves.png").stat().st_size > 1000
+
+
+def test_quick_demo_numbers_are_finite(quick_run: Path):
+    report = json.loads((quick_run / "report.json").read_text())
+    assert _finite(report)
+    for row in (report["base"], report["tuned"]):
+        assert 0.0 <= row["greedy_accuracy"] <= 1.0 and 0.0 <= row["sampled_accuracy"] <= 1.0
+    assert 0.0 <= report["tuned"]["implicit"]["accuracy"] <= 1.0
+    assert report["base"]["kl"] == pytest.approx(0.0, abs=1e-5)  # base against itself
+    assert report["runs"][0]["steps"] == 20
+    md = (quick_run / "report.md").read_text()
+    assert "task reward, greedy" in md and "KL" in md
+
+
+def test_demo_config_is_valid_and_copied():
+    cfg = load_config(demo_config_path(), [f"model.path={BASE_MODEL_DIR}"])
+    assert cfg.loss.name == ["sigmoid"] and cfg.loss.beta == 1.0
+    assert cfg.log.progress
+    # configs/demo.yaml is the readable copy of the packaged file: keep them identical.
+    assert (REPO / "configs" / "demo.yaml").read_text() == demo_config_path().read_text()
+
+
+def test_sweep_points():
+    assert _sweep_runs(None) == [{}]
+    assert _sweep_runs({"beta": [0.5, 1.0]}) == [{"beta": 0.5}, {"beta": 1.0}]
+    with pytest.raises(ValueError):
+        _sweep_runs({"beta": []})
