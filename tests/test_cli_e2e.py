@@ -109,3 +109,26 @@ def test_train_on_malformed_data_exits_2(capsys, tiny, tmp_path):
     argv = ["train", str(tiny["config"]), f"data.train_files=[{bad}]"]
     argv += [f"train.output_dir={tmp_path / 'run'}"]
     assert_one_line_error(*run(capsys, *argv)[::2], "line 4", "rejected")
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_demo_quick_writes_a_finite_report(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--seed", "1")
+    assert code == 0, err
+    assert f"demo report: {tmp_path / 'demo'}" in out
+    for name in ("report.md", "report.json", "curves.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["seed"] == 1 and report["quick"] is True
+    numbers = list(_numbers(report))
+    assert numbers and all(math.isfinite(x) for x in numbers)
