@@ -9,6 +9,8 @@ Layout (one folder per optimizer step, zero-padded so names sort by step)::
         rng.pt              python random, numpy, torch CPU (+ CUDA) generator states
         state.json          TrainState: step counters, data position, reference cache key, extras
         COMPLETE            written last: a folder without it is never a checkpoint
+        dcp/                FSDP runs only, instead of model.safetensors and optimizer.pt: every rank's
+                            shards (torch.distributed.checkpoint), see preftune.distributed
 
 Why a temporary folder and a rename: a SIGKILL (OOM killer, pre-emption) can land anywhere in a save. All
 files go into ``checkpoints/.tmp-step-00000123-<pid>/``, each is fsynced, and only then is the folder renamed
@@ -17,8 +19,9 @@ old one or the new one, never a half-written one. :func:`latest_checkpoint` igno
 folders without ``COMPLETE``; stale temporary folders of dead processes are removed by the next save. Old
 checkpoints are pruned only after the new one is in place.
 
-Distributed use: only rank 0 calls :func:`save_checkpoint` (it runs no collective); the distributed layer
-gathers full state dicts first and passes them as ``model_state_dict`` / ``optimizer_state_dict``.
+Distributed use: only rank 0 calls :func:`save_checkpoint` (it runs no collective). Under DDP every rank
+holds the full state, so rank 0 saves its own; under FSDP the ranks first write their shards into rank 0's
+:func:`staging_dir`, which rank 0 then completes with ``staged_dir=``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "load_model_state_dict",
     "restore_rng_state",
     "save_checkpoint",
+    "staging_dir",
 ]
 
 #: Sub-folder of the run folder that holds the checkpoints.
@@ -255,11 +259,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale_tmp(ckpt_root: Path) -> None:
+def _clean_stale_tmp(ckpt_root: Path, keep: Path | None = None) -> None:
     """Remove ``.tmp-*`` folders left by a killed save (ours, or of a process that no longer runs)."""
     for p in ckpt_root.iterdir():
         m = _TMP_RE.match(p.name)
-        if not m or not p.is_dir():
+        if not m or not p.is_dir() or p == keep:
             continue
         pid = int(m.group(1))
         if pid == os.getpid() or not _pid_alive(pid):
@@ -296,6 +300,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def staging_dir(run_dir: str | Path, step: int, pid: int | None = None) -> Path:
+    """The temporary folder a save of ``step`` by process ``pid`` (default: this one) writes into."""
+    pid = os.getpid() if pid is None else pid
+    return Path(run_dir) / CHECKPOINTS_DIR / f".tmp-{checkpoint_dir_name(step)}-{pid}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     state: TrainState,
@@ -306,31 +316,36 @@ def save_checkpoint(
     keep_last: int,
     model_state_dict: dict[str, torch.Tensor] | None = None,
     optimizer_state_dict: dict[str, Any] | None = None,
+    staged_dir: Path | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically; keep the newest ``keep_last``; return its folder.
 
     RNG states are captured here, so call it at a step boundary, after the optimizer step and before the
     next draw. Given state dicts take precedence over ``model``/``optimizer`` (already gathered by the
     distributed layer; call on rank 0 only). A ``None`` optimizer/scheduler is simply not saved.
+    ``staged_dir``: the :func:`staging_dir` of this process that other ranks already wrote their shards into
+    (FSDP's distributed checkpoint); it is completed and renamed into place, with no model file of its own
+    unless a model or state dict is given.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    if model_state_dict is None:
-        if model is None:
-            raise ValueError("save_checkpoint needs a model or a model_state_dict")
+    if model_state_dict is None and model is not None:
         model_state_dict = model.state_dict()
+    if model_state_dict is None and staged_dir is None:
+        raise ValueError("save_checkpoint needs a model or a model_state_dict")
     if optimizer_state_dict is None and optimizer is not None:
         optimizer_state_dict = optimizer.state_dict()
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(root)
+    _clean_stale_tmp(root, keep=staged_dir)
 
     name = checkpoint_dir_name(state.step)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = staged_dir or staging_dir(run_dir, state.step)
+    tmp.mkdir(exist_ok=staged_dir is not None)
     try:
         state_json = {"format_version": _FORMAT_VERSION, **state.to_dict()}
-        _write_file(tmp / _MODEL, lambda p: _save_model_file(p, model_state_dict))
+        if model_state_dict is not None:
+            _write_file(tmp / _MODEL, lambda p: _save_model_file(p, model_state_dict))
         if optimizer_state_dict is not None:
             _write_file(tmp / _OPTIMIZER, _torch_writer(optimizer_state_dict))
         if scheduler is not None:
