@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from preftune.config import Config, resolved_reference_strategy
+from preftune.data import pair_lengths
+from preftune.distributed import DistContext
 from preftune.losses import compute_loss
 from preftune.modeling import SequenceLogpsModel, load_model
 from preftune.reference import (
@@ -120,8 +122,14 @@ def build_reference(
     device: torch.device,
     autocast,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> Reference | None:
-    """The configured reference strategy, built from θ₀ (call before loading a checkpoint)."""
+    """The configured reference strategy, built from θ₀ (call before loading a checkpoint).
+
+    Under torchrun (``dist``) a copy is sharded like the policy with FSDP, and precomputed log-probs are
+    computed in parallel: each rank its share of the pairs, gathered into one table; rank 0 writes the cache.
+    """
+    dist = dist or DistContext(device=device)
     strategy = resolved_reference_strategy(cfg)
     if strategy == "none":
         return None
@@ -129,12 +137,16 @@ def build_reference(
         return AdapterReference(policy)
     if cfg.reference.path:
         source = load_model(
-            cfg.reference.path, device=device, trust_remote_code=cfg.model.trust_remote_code
+            cfg.reference.path,
+            device=dist.load_device,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
     else:
         source = policy.model
     if strategy == "copy":
-        return CopyReference(source, chunk_size=cfg.train.chunk_size)
+        reference = CopyReference(source, chunk_size=cfg.train.chunk_size)
+        dist.shard_frozen(reference.module)
+        return reference
     # precomputed: the key covers weights, tokenized data, and every setting that changes the numbers.
     import hashlib
 
@@ -142,15 +154,16 @@ def build_reference(
     key = hashlib.sha256(f"{hash_weights(source)}|{settings}".encode()).hexdigest()[:32]
     root = cache_root(cfg.reference.cache_dir)
     cached = PrecomputedReference.load(root, key)
-    if cached is not None:
+    if dist.all(cached is not None):
         log.info("reference log-probs: cache hit %s", PrecomputedReference.cache_path(root, key))
         return cached
-    module = CopyReference(source, chunk_size=cfg.train.chunk_size).module
+    module = dist.shard_frozen(CopyReference(source, chunk_size=cfg.train.chunk_size).module)
     tables = {}
     for split, dataset in (("train", data.train), ("eval", data.eval)):
         if dataset is None or len(dataset) == 0:
             continue
-        tables[split] = precompute_logps(
+        owned, work = dist.shard_indices(pair_lengths(dataset))
+        table = precompute_logps(
             module,
             dataset,
             collate,
@@ -159,11 +172,15 @@ def build_reference(
             autocast=autocast,
             progress=progress,
             desc=f"reference log-probs ({split})",
+            indices=work,
         )
+        tables[split] = dist.gather_table(table, owned)
     del module  # the reference model is not needed again
     ref = PrecomputedReference(tables, key)
-    path = ref.save(root)
-    log.info("reference log-probs: computed and cached at %s", path)
+    if dist.is_main:
+        path = ref.save(root)
+        log.info("reference log-probs: computed and cached at %s", path)
+    dist.barrier()
     return ref
 
 

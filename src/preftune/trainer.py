@@ -4,6 +4,11 @@ Read :func:`train` top to bottom: set up the run, then one optimizer step per wi
 Gradient accumulation is exact (FORMULAS.md): every micro-batch loss is divided by the pair and token totals
 of its whole window (and of all ranks), so k micro-steps give the gradient of one big batch. The loss is
 whatever ``cfg.loss`` names; the loop never looks at the name.
+
+Under ``torchrun`` the same loop runs on every rank; :mod:`preftune.distributed` (``dist``) holds the
+machinery (process group, DDP/FSDP2 wrapping, global reductions, distributed checkpoints), so here it shows
+only as one-line calls. Every rank runs the same number of micro-steps: an empty share of a batch becomes a
+zero-weight placeholder.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import torch
 from torch import Tensor
 
 from preftune import build
-from preftune.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.checkpoint import TrainState, latest_checkpoint
 from preftune.config import Config, config_to_dict
 from preftune.data import batch_indices, collate_pairs, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
-from preftune.distributed import DistContext, init_distributed
+from preftune.distributed import DistContext, init_distributed, is_placeholder
 from preftune.evaluation import StepMetrics, evaluate
 from preftune.modeling import forward_pairs, resolve_device
 from preftune.tracking import MetricsLogger, ProgressBar, write_json
@@ -52,7 +57,14 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    dist = init_distributed(resolve_device(cfg.train.device))
+    dist = init_distributed(
+        resolve_device(cfg.train.device), cfg.train.parallel, cpu_offload=cfg.train.fsdp_cpu_offload
+    )
+    with dist.running():  # a failure names its rank; the process group is torn down at the end
+        return _train(cfg, dist)
+
+
+def _train(cfg: Config, dist: DistContext) -> TrainResult:
     device = dist.device
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,9 +72,10 @@ def train(cfg: Config) -> TrainResult:
     autocast = build.autocast_factory(cfg, device)
     show = cfg.log.progress and dist.is_main
 
-    # Data: tokenized once (cached), dropped pairs counted and written to the run folder.
+    # Data: tokenized once (cached; rank 0 first, the others read its cache), drops written to the run folder.
     tokenizer = build.build_tokenizer(cfg)
-    data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    with dist.main_first():
+        data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
     if len(data.train) == 0:
         raise TrainingError(f"no training pairs left after filtering (drops: {data.drops})")
     if dist.is_main:
@@ -76,24 +89,29 @@ def train(cfg: Config) -> TrainResult:
         return collate_pairs(examples, pad_id)
 
     # Policy, then the reference from θ₀, and only then a checkpoint's weights.
-    policy_model, policy = build.build_policy(cfg, device)
+    if dist.parallel == "fsdp" and cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+        raise TrainingError("model.lora.merge_on_save is not supported with train.parallel=fsdp")
+    policy_model, policy = build.build_policy(cfg, dist.load_device)
     log.info("log-probs: %s", "chunked LM head" if policy.uses_chunked_head else "full logits")
     reference = build.build_reference(
-        cfg, policy, data, collate, device=device, autocast=autocast, progress=show
+        cfg, policy, data, collate, device=device, autocast=autocast, progress=show, dist=dist
     )
+    model = dist.wrap_policy(policy)  # the module the forward goes through: DDP, FSDP2 or `policy`
     loss_fn = build.build_loss_fn(cfg)
     lengths = pair_lengths(data.train)
+    placeholder = dist.placeholder_batch(collate, data.train, lengths)  # for an empty share
     micro_per_epoch = math.ceil(len(lengths) / (cfg.train.batch_size * dist.world_size))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    optimizer = build.build_optimizer(cfg, policy_model)
+    optimizer = build.build_optimizer(cfg, policy_model)  # after wrapping: FSDP2 swaps parameters
     scheduler = build.build_scheduler(cfg, optimizer, total_steps)
-    model = policy  # the module the forward goes through (DDP/FSDP wrap it here under torchrun)
 
-    state = TrainState(reference_key=getattr(reference, "key", None))
+    state = TrainState(
+        reference_key=getattr(reference, "key", None), extra={"world_size": dist.world_size}
+    )
     ckpt = _resume_from(cfg, run_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model=policy_model, optimizer=optimizer, scheduler=scheduler)
+        state = _load(ckpt, policy_model, optimizer, scheduler, dist)
         log.info("resumed from %s at step %d", ckpt, state.step)
     last_ckpt = ckpt
 
@@ -123,8 +141,12 @@ def train(cfg: Config) -> TrainResult:
         )
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
             window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
-            micro = [collate([data.train[i] for i in idx]) for idx in window]
-            tokens_since_log += sum(int(b["attention_mask"].sum()) for b in micro)
+            micro = [
+                collate([data.train[i] for i in idx]) if idx else placeholder for idx in window
+            ]
+            tokens_since_log += sum(
+                int(b["attention_mask"].sum()) for b in micro if not is_placeholder(b)
+            )
             n_pairs = window_backward(
                 model,
                 reference,
@@ -135,7 +157,7 @@ def train(cfg: Config) -> TrainResult:
                 dist=dist,
                 metrics=window_metrics,
             )
-            grad_norm = _clip(policy_model, cfg.optim.max_grad_norm)
+            grad_norm = dist.clip_grad_norm(policy_model, cfg.optim.max_grad_norm)  # global norm
             # One host sync per optimizer step (never per micro-step) guards the weights.
             if not bool(torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -157,10 +179,12 @@ def train(cfg: Config) -> TrainResult:
             bar.update(1)
 
             if state.step % cfg.log.log_every == 0 or state.step == total_steps:
+                dist.reduce_metrics(window_metrics)  # summed over ranks: logged numbers are global
+                tokens = dist.sum(tokens_since_log)
                 elapsed = time.perf_counter() - t_log
                 row = window_metrics.pop()
                 row["learning_rate"] = scheduler.get_last_lr()[0]
-                row["tokens_per_s"] = tokens_since_log * dist.world_size / max(elapsed, 1e-9)
+                row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
                 t_log, tokens_since_log = time.perf_counter(), 0
                 metrics_log.log(state.step, row)
                 bar.set_postfix(row)
@@ -184,9 +208,10 @@ def train(cfg: Config) -> TrainResult:
                     diagnostics,
                     bar,
                 )
-            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stop.requested:
+            stopping = dist.any(stop.requested)  # a signal on any rank stops all after this step
+            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
                 last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
-            if stop.requested:
+            if stopping:
                 raise TrainingError(
                     f"stopped by {stop.signame} after step {state.step}; resume with train.resume=auto",
                     last_ckpt,
@@ -213,11 +238,13 @@ def train(cfg: Config) -> TrainResult:
         )
     last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
     bar.close()
-    final_dir = (
-        _save_final(run_dir, policy_model, tokenizer, cfg)
-        if cfg.train.save_final and dist.is_main
-        else None
-    )
+    final_dir = None
+    if cfg.train.save_final:
+        full_state = dist.full_state_dict(policy_model)  # FSDP: gathered to rank 0; else None
+        if dist.is_main:
+            _save_final(run_dir, policy_model, tokenizer, cfg, full_state)
+        dist.barrier()
+        final_dir = run_dir / "final"
     if dist.is_main:
         report = {
             "steps": state.step,
@@ -252,6 +279,8 @@ def window_backward(
 
     Each micro-batch loss is ``Σ w·pair_losses / N_pairs + Σ w·token_losses / N_tokens`` with the window's
     totals over all ranks (FORMULAS.md), known before the first backward. Returns the window's pair count.
+    A placeholder micro-batch (weight 0, an empty share on this rank) takes part in the forward/backward
+    (DDP/FSDP hooks are collectives) but adds nothing to the totals, the gradient or the metrics.
     """
     totals = dist.all_reduce_sum(
         torch.tensor(
@@ -277,26 +306,21 @@ def window_backward(
             loss = (w * out.losses).sum() / n_pairs + (w * out.token_losses).sum() / n_tokens
             # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
             (loss * dist.world_size).backward()
-        if metrics is not None:
+        if metrics is not None and not is_placeholder(batch):
             metrics.add(loss.detach(), out, pol)
     return int(n_pairs)
 
 
 def _num_pairs(batch: dict[str, Tensor]) -> int:
-    return batch["input_ids"].shape[0] // 2
+    """Real pairs of a micro-batch (a placeholder for an empty share has none)."""
+    return 0 if is_placeholder(batch) else batch["input_ids"].shape[0] // 2
 
 
 def _chosen_tokens(batch: dict[str, Tensor]) -> int:
+    if is_placeholder(batch):
+        return 0
     b = batch["input_ids"].shape[0] // 2
     return int(batch["completion_mask"][:b, 1:].sum())
-
-
-def _clip(model, max_norm: float | None) -> Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm is None:
-        norms = [p.grad.detach().norm() for p in params]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
@@ -310,30 +334,45 @@ def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
-def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -> Path | None:
-    path = None
-    if dist.is_main:
-        path = save_checkpoint(
-            run_dir,
-            state,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            keep_last=cfg.train.keep_last,
+def _load(ckpt: Path, model, optimizer, scheduler, dist: DistContext) -> TrainState:
+    try:
+        state = dist.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+    except ValueError as e:
+        raise TrainingError(str(e), ckpt) from e
+    saved = state.extra.get("world_size", 1)
+    if saved != dist.world_size:  # the data position counts per-rank micro-batches
+        raise TrainingError(
+            f"checkpoint {ckpt} was written by {saved} process(es), this run has {dist.world_size}; "
+            "resume with the same number of processes",
+            ckpt,
         )
-    dist.barrier()
-    return path
+    return state
 
 
-def _save_final(run_dir: Path, model, tokenizer, cfg: Config) -> Path:
-    """The final model as an ordinary Hugging Face folder (adapter folder with LoRA, plus merged on request)."""
+def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -> Path:
+    """Collective: every rank calls it (rank 0 writes; FSDP ranks write their shards)."""
+    return dist.save_checkpoint(
+        run_dir,
+        state,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        keep_last=cfg.train.keep_last,
+    )
+
+
+def _save_final(run_dir: Path, model, tokenizer, cfg: Config, state_dict=None) -> Path:
+    """The final model as an ordinary Hugging Face folder (adapter folder with LoRA, plus merged on request).
+
+    ``state_dict``: the full weights gathered from FSDP shards (None: the model's own).
+    """
     import os
     import shutil
 
     final = run_dir / "final"
     tmp = run_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
