@@ -89,9 +89,13 @@ def sequence_logps(
 
 
 def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
-    """``out[s] = sum(values[i] for i where segment_ids[i] == s)``, differentiable; ``out`` is ``[num_segments]``."""
-    out = values.new_zeros(num_segments)
-    return out.index_add(0, segment_ids, values)
+    """``out[s] = sum(values[i] for i where segment_ids[i] == s)``, differentiable; ``out`` is ``[num_segments]``.
+
+    ``index_add`` adds one value at a time, so an fp32 accumulator drifts by ~1e-4 nats over a few hundred
+    tokens (``torch.sum`` reduces pairwise and does not); the sum is therefore taken in float64.
+    """
+    out = torch.zeros(num_segments, dtype=torch.float64, device=values.device)
+    return out.index_add(0, segment_ids, values.double()).to(values.dtype)
 
 
 def _validate_head_args(
