@@ -321,7 +321,15 @@ def _plot_sweep(run_dir: Path, base_row: dict, runs: list[dict]) -> Path:
         ("greedy_accuracy", "greedy", "s"),
     ):
         acc = [base_row[key]] + [r["metrics"][key] for r in runs]
-        ax.plot(kl, acc, marker=marker, linestyle="none", label=f"DPO, {name}")
+        order = sorted(range(len(kl)), key=kl.__getitem__)
+        ax.plot(
+            [kl[i] for i in order],
+            [acc[i] for i in order],
+            marker=marker,
+            linewidth=0.8,
+            alpha=0.8,
+            label=f"DPO, {name}",
+        )
         ax.axhline(base_row[key], color="grey", linewidth=0.8, linestyle=":")
         for x, y, r in zip(kl[1:], acc[1:], runs):
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -330,7 +338,7 @@ def _plot_sweep(run_dir: Path, base_row: dict, runs: list[dict]) -> Path:
     ax.set_ylabel("task reward (share of exact sums, held-out)")
     ax.set_title("Reward vs KL frontier (held-out addition prompts)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     out = run_dir / "sweep.png"
     fig.savefig(out, dpi=120)
     return out
