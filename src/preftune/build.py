@@ -19,7 +19,7 @@ from preftune.config import Config, resolved_reference_strategy
 from preftune.data import pair_lengths
 from preftune.distributed import DistContext
 from preftune.losses import compute_loss
-from preftune.modeling import SequenceLogpsModel, load_model
+from preftune.modeling import SequenceLogpsModel, load_model, logps_module
 from preftune.reference import (
     AdapterReference,
     CopyReference,
@@ -110,7 +110,9 @@ def build_policy(cfg: Config, device: torch.device) -> tuple[nn.Module, Sequence
         if cfg.model.lora.enabled:
             model.enable_input_require_grads()
     model.train()
-    return model, SequenceLogpsModel(model, chunk_size=cfg.train.chunk_size)
+    return model, logps_module(
+        model, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
+    )
 
 
 def build_reference(
@@ -144,7 +146,9 @@ def build_reference(
     else:
         source = policy.model
     if strategy == "copy":
-        reference = CopyReference(source, chunk_size=cfg.train.chunk_size)
+        reference = CopyReference(
+            source, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
+        )
         dist.shard_frozen(reference.module)
         return reference
     # precomputed: the key covers weights, tokenized data, and every setting that changes the numbers.
@@ -157,7 +161,11 @@ def build_reference(
     if dist.all(cached is not None):
         log.info("reference log-probs: cache hit %s", PrecomputedReference.cache_path(root, key))
         return cached
-    module = dist.shard_frozen(CopyReference(source, chunk_size=cfg.train.chunk_size).module)
+    module = dist.shard_frozen(
+        CopyReference(
+            source, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
+        ).module
+    )
     tables = {}
     for split, dataset in (("train", data.train), ("eval", data.eval)):
         if dataset is None or len(dataset) == 0:

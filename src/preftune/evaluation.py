@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from preftune.modeling import SequenceLogps, forward_pairs
+from preftune.modeling import SequenceLogps, batch_chosen_tokens, forward_pairs
 
 __all__ = ["StepMetrics", "evaluate", "evaluate_model"]
 
@@ -103,7 +103,7 @@ def evaluate(
         batch = collate([dataset[i] for i in idx])
         b = len(idx)
         total_pairs += b
-        total_tokens += int(batch["completion_mask"][:b, 1:].sum())
+        total_tokens += batch_chosen_tokens(batch)
         micro.append(batch)
     was_training = model.training
     model.eval()

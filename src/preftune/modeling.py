@@ -23,9 +23,12 @@ __all__ = [
     "LMHead",
     "SequenceLogps",
     "SequenceLogpsModel",
+    "batch_chosen_tokens",
+    "batch_num_pairs",
     "disable_dropout",
     "forward_pairs",
     "load_model",
+    "logps_module",
     "resolve_device",
     "split_lm_head",
     "unwrap_causal_lm",
@@ -196,6 +199,10 @@ class SequenceLogpsModel(nn.Module):
 
 
 def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
+    if "segments" in batch:  # prefix-shared / packed layout (preftune.sharing)
+        from preftune.sharing import shared_model_inputs
+
+        return shared_model_inputs(batch)
     return {
         "input_ids": batch["input_ids"],
         "attention_mask": batch.get("attention_mask"),
@@ -210,5 +217,26 @@ def split_pairs(logps: Tensor, n_tokens: Tensor) -> SequenceLogps:
 
 
 def forward_pairs(module: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
-    """Call ``module`` (a SequenceLogpsModel or a DDP/FSDP wrapper of one) and split chosen/rejected."""
+    """Call ``module`` (a log-prob module for the batch's layout, or a DDP/FSDP wrapper of one) and split."""
     return split_pairs(*module(**_model_inputs(batch)))
+
+
+def logps_module(model: nn.Module, *, chunk_size: int, prefix_sharing: bool = False) -> nn.Module:
+    """The log-prob module for a layout: padded two rows per pair, or the prompt computed once per pair."""
+    if prefix_sharing:
+        from preftune.sharing import SharedPrefixLogpsModel
+
+        return SharedPrefixLogpsModel(model, chunk_size=chunk_size)
+    return SequenceLogpsModel(model, chunk_size=chunk_size)
+
+
+def batch_num_pairs(batch: dict[str, Tensor]) -> int:
+    return batch["weights"].shape[0]
+
+
+def batch_chosen_tokens(batch: dict[str, Tensor]) -> int:
+    """Scored chosen tokens of a collated batch, whatever its layout (host-side, no device sync)."""
+    b = batch_num_pairs(batch)
+    if "n_tokens" in batch:
+        return int(batch["n_tokens"][:b].sum())
+    return int(batch["completion_mask"][:b, 1:].sum())

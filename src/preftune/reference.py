@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data import pair_lengths
-from preftune.modeling import SequenceLogpsModel, forward_pairs, unwrap_causal_lm
+from preftune.modeling import SequenceLogpsModel, forward_pairs, logps_module, unwrap_causal_lm
 
 __all__ = [
     "AdapterReference",
@@ -48,11 +48,11 @@ class Reference:
 class CopyReference(Reference):
     """A frozen copy of the starting policy (never the weights being trained)."""
 
-    def __init__(self, model: nn.Module, *, chunk_size: int):
+    def __init__(self, model: nn.Module, *, chunk_size: int, prefix_sharing: bool = False):
         frozen = copy.deepcopy(unwrap_causal_lm(model))
         frozen.eval()
         frozen.requires_grad_(False)
-        self.module = SequenceLogpsModel(frozen, chunk_size=chunk_size)
+        self.module = logps_module(frozen, chunk_size=chunk_size, prefix_sharing=prefix_sharing)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:

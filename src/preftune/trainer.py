@@ -31,7 +31,8 @@ from preftune.data import batch_indices, collate_pairs, load_preference_data, pa
 from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed, is_placeholder
 from preftune.evaluation import StepMetrics, evaluate
-from preftune.modeling import forward_pairs, resolve_device
+from preftune.modeling import batch_chosen_tokens, batch_num_pairs, forward_pairs, resolve_device
+from preftune.sharing import collate_shared
 from preftune.tracking import MetricsLogger, ProgressBar, write_json
 
 __all__ = ["TrainResult", "TrainingError", "train", "window_backward"]
@@ -86,6 +87,8 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
     pad_id = tokenizer.pad_token_id
 
     def collate(examples):
+        if cfg.train.prefix_sharing:
+            return collate_shared(examples, pad_id)
         return collate_pairs(examples, pad_id)
 
     # Policy, then the reference from θ₀, and only then a checkpoint's weights.
@@ -141,11 +144,13 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
         )
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
             window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
-            micro = [
-                collate([data.train[i] for i in idx]) if idx else placeholder for idx in window
-            ]
+            examples = [[data.train[i] for i in idx] for idx in window]
+            micro = [collate(ex) if ex else placeholder for ex in examples]
+            # Throughput counts each prompt once, whatever the layout (issue 7's definition).
             tokens_since_log += sum(
-                int(b["attention_mask"].sum()) for b in micro if not is_placeholder(b)
+                len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                for ex in examples
+                for e in ex
             )
             n_pairs = window_backward(
                 model,
@@ -313,14 +318,11 @@ def window_backward(
 
 def _num_pairs(batch: dict[str, Tensor]) -> int:
     """Real pairs of a micro-batch (a placeholder for an empty share has none)."""
-    return 0 if is_placeholder(batch) else batch["input_ids"].shape[0] // 2
+    return 0 if is_placeholder(batch) else batch_num_pairs(batch)
 
 
 def _chosen_tokens(batch: dict[str, Tensor]) -> int:
-    if is_placeholder(batch):
-        return 0
-    b = batch["input_ids"].shape[0] // 2
-    return int(batch["completion_mask"][:b, 1:].sum())
+    return 0 if is_placeholder(batch) else batch_chosen_tokens(batch)
 
 
 def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
