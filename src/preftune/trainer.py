@@ -129,6 +129,13 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
         )
     bar = ProgressBar(total=total_steps, initial=state.step, enabled=show, is_main=dist.is_main)
     stop = _StopFlag()
+
+    def run_eval() -> dict[str, float]:
+        return _run_eval(
+            model, reference, data.eval, collate, loss_fn, cfg, device, autocast, state,
+            metrics_log, diagnostics, bar,
+        )  # fmt: skip
+
     window_metrics = StepMetrics(device)
     t_log, tokens_since_log = time.perf_counter(), 0
 
@@ -199,20 +206,7 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
                 and state.step % cfg.train.eval_every == 0
                 and data.eval is not None
             ):
-                _run_eval(
-                    model,
-                    reference,
-                    data.eval,
-                    collate,
-                    loss_fn,
-                    cfg,
-                    device,
-                    autocast,
-                    state,
-                    metrics_log,
-                    diagnostics,
-                    bar,
-                )
+                run_eval()
             stopping = dist.any(stop.requested)  # a signal on any rank stops all after this step
             if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
                 last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
@@ -227,20 +221,7 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
 
     final_eval = {}
     if data.eval is not None:
-        final_eval = _run_eval(
-            model,
-            reference,
-            data.eval,
-            collate,
-            loss_fn,
-            cfg,
-            device,
-            autocast,
-            state,
-            metrics_log,
-            diagnostics,
-            bar,
-        )
+        final_eval = run_eval()
     last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
     bar.close()
     final_dir = None
