@@ -3,20 +3,27 @@
 Every field carries a one-line ``help`` so that ``preftune train --print-config`` can document the resolved
 config. Unknown keys and ill-typed values raise :class:`ConfigError` naming the key and suggesting the
 closest valid one; cross-field rules (a reference-free loss with a reference configured, ...) are checked in
-:func:`validate`.
+:func:`validate`. The generic coercion, override and YAML machinery lives in :mod:`preftune._configio`;
+import everything from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from preftune._configio import (
+    ConfigError,
+    apply_overrides,
+    build,
+    config_to_dict,
+    format_config,
+    read_yaml_mapping,
+    suggest,
+)
 
 __all__ = [
     "Config",
@@ -34,12 +41,9 @@ __all__ = [
     "config_to_dict",
     "format_config",
     "load_config",
+    "resolved_reference_strategy",
     "validate",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the key and what was expected."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -181,230 +185,24 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading and coercion
-
-
-def _suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
-
-
-def _suggest_key(key: str) -> str:
-    """Suggestion for an unknown dotted key: fix each part within its own section (so that a shared
-    section prefix cannot make unrelated keys look alike), else a field of the same name elsewhere
-    (``lr`` -> ``optim.lr``)."""
-    cls: Any = Config
-    fixed: list[str] = []
-    for part in key.split("."):
-        if cls is None or not dataclasses.is_dataclass(cls):
-            break
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            match = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
-            if not match:
-                break
-            part = match[0]
-        fixed.append(part)
-        tp = _hints(cls)[part]
-        cls = tp if dataclasses.is_dataclass(tp) else None
-    else:
-        return f" (did you mean '{'.'.join(fixed)}'?)"
-    leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == leaf]
-    return f" (did you mean {' or '.join(repr(k) for k in same_leaf)}?)" if same_leaf else ""
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a CLI string) to the annotated type ``tp``, or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        is_null = value is None or (
-            isinstance(value, str) and value.lower() in ("null", "none", "~")
-        )
-        if is_null and type(None) in args:
-            return None
-        non_null = [a for a in args if a is not type(None)]
-        if len(non_null) == 1:  # Optional[X]: X's own message, plus "or null"
-            try:
-                return _coerce(value, non_null[0], key)
-            except ConfigError as e:
-                if not str(e).startswith(f"{key}: "):
-                    raise  # an element's error, e.g. loss.weights[1]
-                raise ConfigError(f"{e} (or null)") from None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if value is None and origin in (list, dict):
-        raise ConfigError(f"{key}: expected a {'list' if origin is list else 'mapping'}, got null")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else [text]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in (
-            "true",
-            "yes",
-            "on",
-            "1",
-            "false",
-            "no",
-            "off",
-            "0",
-        ):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(str(key), names, prefix)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)
+# Loading
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a :class:`Config` from nested plain data; unknown keys and bad types raise ConfigError."""
-    return _build(Config, data or {}, "")
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys.extend(_all_keys(tp, f"{prefix}{f.name}."))
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
-def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
-    """Apply ``key.sub=value`` strings; values are parsed to the field's type (YAML syntax for lists)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key.sub=value")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        parts = key.split(".")
-        obj: Any = cfg
-        value_tp: Any = Any
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(obj, dict):
-                # A key under a dict-valued field, e.g. loss.params.label_smoothing=0.1.
-                if not last:
-                    section = ".".join(parts[:i])
-                    raise ConfigError(
-                        f"unknown key '{key}': set entries of '{section}' as {section}.NAME=VALUE"
-                    )
-                obj[part] = _coerce(yaml.safe_load(raw), value_tp, key)
-                break
-            if not dataclasses.is_dataclass(obj):  # e.g. loss.beta.x=1: beta is a plain value
-                raise ConfigError(f"unknown key '{key}'{_suggest_key(key)}")
-            names = [f.name for f in dataclasses.fields(obj)]
-            if part not in names:
-                raise ConfigError(f"unknown key '{key}'{_suggest_key(key)}")
-            tp = _hints(type(obj))[part]
-            if last:
-                if dataclasses.is_dataclass(tp):
-                    raise ConfigError(
-                        f"'{key}' is a section; set one of its keys, e.g. {key}.<name>=..."
-                    )
-                setattr(obj, part, _coerce(raw, tp, key))
-            else:
-                if typing.get_origin(tp) is dict:
-                    value_tp = typing.get_args(tp)[1]
-                obj = getattr(obj, part)
-    return cfg
+    return build(Config, data or {})
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load YAML (or start from defaults when ``path`` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
-    cfg = config_from_dict(data)
+    cfg = config_from_dict(read_yaml_mapping(path) if path is not None else {})
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
 
 
 _CHOICES = {
@@ -445,7 +243,7 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(
-                f"{key}: expected one of {', '.join(choices)}, got {value!r}{_suggest(str(value), choices)}"
+                f"{key}: expected one of {', '.join(choices)}, got {value!r}{suggest(str(value), choices)}"
             )
     from preftune.losses import LOSSES
 
@@ -454,7 +252,7 @@ def validate(cfg: Config) -> None:
     for name in cfg.loss.name:
         if name not in LOSSES:
             raise ConfigError(
-                f"loss.name: unknown loss '{name}'{_suggest(name, LOSSES)}; known: {', '.join(LOSSES)}"
+                f"loss.name: unknown loss '{name}'{suggest(name, LOSSES)}; known: {', '.join(LOSSES)}"
             )
     if cfg.loss.weights is not None and len(cfg.loss.weights) != len(cfg.loss.name):
         raise ConfigError(
@@ -466,7 +264,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("loss.params.beta: set beta as loss.beta")
         if key not in accepted:
             raise ConfigError(
-                f"loss.params.{key}: not a hyperparameter of {cfg.loss.name}{_suggest(key, accepted)}; "
+                f"loss.params.{key}: not a hyperparameter of {cfg.loss.name}{suggest(key, accepted)}; "
                 f"accepted: {', '.join(accepted) or 'none besides loss.beta'}"
             )
     if cfg.loss.beta is not None and cfg.loss.beta <= 0:
@@ -502,23 +300,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
-
-
-def format_config(cfg: Any, indent: int = 0) -> str:
-    """YAML-like text of the resolved config with each field's help as a comment."""
-    lines = []
-    pad = "  " * indent
-    hints = _hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        help_text = f.metadata.get("help", "")
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(f"{pad}{f.name}:  # {help_text}")
-            lines.append(format_config(value, indent + 1))
-        else:
-            dumped = yaml.safe_dump(value, default_flow_style=True).strip()
-            if dumped.endswith("\n..."):
-                dumped = dumped[: -len("\n...")]
-            dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"{pad}{f.name}: {dumped}  # {help_text}")
-    return "\n".join(lines)
