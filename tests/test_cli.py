@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import preftune
 from preftune import cli
 from preftune.cli import main, parse_sweep
 
@@ -146,7 +147,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
 
 
 def test_python_m_preftune_help_is_fast_and_imports_no_torch():
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(preftune.__file__).parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "preftune", "--help"], capture_output=True, text=True, env=env
     )
@@ -297,6 +298,24 @@ def test_train_calls_trainer_and_prints_where_results_are(capsys, tmp_path, monk
     assert seen["cfg"].train.output_dir == str(tmp_path / "run")
     assert f"final model: {tmp_path / 'run' / 'final'}" in out
     assert f"metrics:     {tmp_path / 'run' / 'metrics.jsonl'}" in out
+
+
+@pytest.mark.parametrize(("rank", "prints"), [(None, True), ("0", True), ("1", False)])
+def test_train_summary_only_on_rank_0(capsys, tmp_path, monkeypatch, rank, prints):
+    """Under torchrun every rank runs main(); the summary lines come from rank 0 (or no RANK) only."""
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+
+    def train(cfg):
+        return types.SimpleNamespace(output_dir=tmp_path / "run", steps=3)
+
+    fake_module(monkeypatch, "preftune.trainer", train=train, TrainingError=FakeTrainingError)
+    path = write_config(tmp_path, {"model": {"path": "m"}})
+    code, out, err = run(capsys, "train", str(path))
+    assert code == 0, err
+    assert ("trained 3 steps" in out) is prints, out
 
 
 def test_training_failure_exit_1_with_last_checkpoint(capsys, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_cli import assert_one_line_error, make_model, run, write_pairs
 
-from preftune import cli
+import preftune
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def trained(tiny) -> Path:
     """`python -m preftune train tiny.yaml key=value` in a subprocess; returns the run folder."""
     env = {
         **os.environ,
-        "PYTHONPATH": str(Path(cli.__file__).parents[1]),
+        "PYTHONPATH": str(Path(preftune.__file__).parents[1]),
         "OMP_WAIT_POLICY": "PASSIVE",
     }
     proc = subprocess.run(

@@ -1,0 +1,124 @@
+"""Command line: ``preftune train | demo | data | eval | generate | plot``.
+
+This module assembles the parser and owns errors and exit codes; the subcommands live beside it:
+:mod:`~preftune.cli.train` (train, demo), :mod:`~preftune.cli.inspection` (data, eval) and
+:mod:`~preftune.cli.tools` (generate, plot). Every heavy import (torch, transformers, the trainer) happens
+inside the subcommand that needs it, so that ``preftune --help`` answers at once.
+
+Exit codes: 0 success; 2 usage, config or data error (one line ``preftune: error: ...`` on stderr, no
+traceback); 1 a failure during training (message and the last checkpoint); 130 interrupted.
+``PREFTUNE_DEBUG=1`` re-raises instead, with the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from preftune.cli import inspection, tools, train
+from preftune.cli._common import PROG, Parser, UsageError, examples, help_formatter
+from preftune.cli.train import parse_sweep
+from preftune.config import ConfigError
+
+__all__ = ["UsageError", "build_parser", "main", "parse_sweep"]
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROG,
+        formatter_class=help_formatter,
+        description="Preference tuning (DPO and its family) for Hugging Face causal LMs.",
+        epilog=examples(
+            """
+            preftune demo                                  # offline demo, about 3 minutes on CPU
+            preftune data configs/dpo.yaml                 # check and describe the data
+            preftune train configs/dpo.yaml loss.beta=0.05 # train with an override
+            preftune plot runs/dpo                         # curves of a run to a PNG
+            """
+        )
+        + "\n\nexit codes: 0 ok, 1 training failed, 2 usage/config/data error, 130 interrupted."
+        "\nPREFTUNE_DEBUG=1 shows tracebacks.",
+    )
+    from preftune import __version__
+
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for group in (train, inspection, tools):  # the order of `preftune --help`
+        group.add_commands(sub)
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # `train cfg.yaml --print-config a=1`: argparse leaves overrides after an option unparsed.
+    if extras and hasattr(args, "overrides") and all(_OVERRIDE.match(x) for x in extras):
+        args.overrides = [*args.overrides, *extras]
+        extras = []
+    if extras:
+        where = f"{PROG} {args.command}" if args.command else PROG
+        raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see '{where} --help')")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _error_kind(exc: BaseException) -> str | None:
+    """'usage' (exit 2), 'training' (exit 1) or None (a bug: let the traceback through)."""
+    if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
+        return "usage"
+    # DataError / TrainingError can only have been raised if their module was imported.
+    data = sys.modules.get("preftune.data")
+    if data is not None and isinstance(exc, getattr(data, "DataError", ())):
+        return "usage"
+    trainer = sys.modules.get("preftune.trainer")
+    if trainer is not None and isinstance(exc, getattr(trainer, "TrainingError", ())):
+        return "training"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"file not found: {exc.filename}"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("PREFTUNE_DEBUG", "") not in ("", "0")
+    try:
+        try:
+            args = _parse(argv)
+        except SystemExit as e:  # --help / --version
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
+        if args.command is None:
+            build_parser().print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        kind = _error_kind(exc)
+        if kind is None or debug:
+            raise
+        if kind == "usage":
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"{PROG}: training failed: {_one_line(exc)}", file=sys.stderr)
+        ckpt = getattr(exc, "last_checkpoint", None)
+        if ckpt is not None:
+            print(f"last checkpoint: {ckpt} (resume with train.resume=auto)", file=sys.stderr)
+        else:
+            print("no checkpoint was saved", file=sys.stderr)
+        return 1

@@ -1,0 +1,155 @@
+"""``preftune data`` (check and describe a dataset) and ``preftune eval`` (score a model on pairs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from preftune.cli._common import (
+    UsageError,
+    add_command,
+    existing_path,
+    model_dir,
+    quiet_transformers,
+    usage_errors,
+)
+
+__all__ = ["add_commands", "cmd_data", "cmd_eval"]
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from preftune.config import Config, apply_overrides, load_config, validate
+
+    target = existing_path(args.target, "config or data file")
+    if target.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(target, args.overrides)
+    else:
+        cfg = Config()
+        cfg.data.train_files = [str(target)]
+        cfg = apply_overrides(cfg, args.overrides)
+        validate(cfg)
+    tok_dir = args.tokenizer or cfg.model.tokenizer_path or cfg.model.path
+    if not tok_dir:
+        raise UsageError("no tokenizer: pass --tokenizer DIR (or model.path=DIR)")
+    from preftune.describe import describe_dataset, format_description
+
+    tokenizer = _load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    d = describe_dataset(cfg, tokenizer, examples=args.examples)
+    print(format_description(d))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model = model_dir(args.model)
+    ref = model_dir(args.ref) if args.ref else None
+    data_file = existing_path(args.data, "data file")
+    if args.beta <= 0:
+        raise UsageError(f"--beta must be > 0, got {args.beta}")
+    from preftune.evaluation import evaluate_model
+
+    quiet_transformers()
+    metrics = evaluate_model(
+        str(model),
+        str(data_file),
+        ref_dir=str(ref) if ref else None,
+        beta=args.beta,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    if args.json:
+        print(json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2))
+        return 0
+    print(f"model: {model}")
+    print(f"ref:   {ref or '(none: rewards are beta * mean per-token log-prob, as in SimPO)'}")
+    print(f"data:  {data_file}  (beta={args.beta})")
+    print(_table(metrics))
+    return 0
+
+
+def _load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"tokenizer folder not found: {p}")
+    from transformers import AutoTokenizer
+
+    with usage_errors(OSError, ValueError, context=f"cannot load a tokenizer from {p}"):
+        return AutoTokenizer.from_pretrained(
+            str(p), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    width = max((len(k) for k in metrics), default=6)
+    rows = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    for key, value in metrics.items():
+        value = _jsonable(value)
+        if key == "pairs" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        rows.append(f"{key:<{width}}  {shown:>12}")
+    return "\n".join(rows)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "data",
+        cmd_data,
+        help="validate and describe a dataset without training",
+        description="Load, tokenize and check a preference dataset the way training would; report rows "
+        "kept and dropped (per reason), token-length percentiles, padding share at the configured "
+        "batch size, and a few rendered examples with the response in ⟦brackets⟧.",
+        example_lines="""
+            preftune data configs/dpo.yaml
+            preftune data configs/dpo.yaml data.max_length=2048 train.batch_size=16
+            preftune data pairs.jsonl --tokenizer models/Qwen2.5-0.5B-Instruct --examples 5
+            """,
+    )
+    p.add_argument("target", metavar="CONFIG.yaml|DATAFILE", help="a run config or a data file")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer folder (default: the config's model)"
+    )
+    p.add_argument(
+        "--examples", type=int, default=3, metavar="N", help="examples to render (default: 3)"
+    )
+
+    p = add_command(
+        sub,
+        "eval",
+        cmd_eval,
+        help="implicit-reward accuracy, margins and log-probs on a preference file",
+        description="Score a model on preference pairs. With --ref, rewards are beta * (log pi - log "
+        "pi_ref) and accuracy is the share of pairs whose chosen reward is higher; without it, only "
+        "the policy's log-probs are reported.",
+        example_lines="""
+            preftune eval --model runs/dpo/final --ref models/Qwen2.5-0.5B-Instruct --data test.jsonl
+            preftune eval --model runs/dpo/final --data test.jsonl --json
+            """,
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder to evaluate")
+    p.add_argument("--ref", metavar="DIR", help="reference model folder (default: none)")
+    p.add_argument("--data", required=True, metavar="FILE", help="preference data file")
+    p.add_argument("--beta", type=float, default=0.1, help="reward scale beta (default: 0.1)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="pairs per batch (default: 8)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="max tokens per prompt+response (default: 1024)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
