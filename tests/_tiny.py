@@ -90,3 +90,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def tiny_train_config(model_dir: Path, data_file: Path, out: Path, **over):
+    """A fast, quiet, seeded training config; ``section__key=value`` keyword overrides."""
+    from preftune.config import Config, validate
+
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    cfg.data.train_files = [str(data_file)]
+    cfg.data.max_length = 64
+    cfg.data.max_prompt_length = 32
+    cfg.train.output_dir = str(out)
+    cfg.train.batch_size = 8
+    cfg.train.max_steps = 4
+    cfg.train.seed = 0
+    cfg.optim.lr = 3e-3
+    cfg.optim.warmup_ratio = 0.0
+    cfg.log.log_every = 1
+    cfg.log.progress = False
+    cfg.log.tensorboard = False
+    for key, value in over.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    validate(cfg)
+    return cfg

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _tiny import make_tiny_llama, toy_pairs, write_jsonl
+from _tiny import make_tiny_llama, tiny_train_config, toy_pairs, write_jsonl
 
-from preftune.config import Config, config_to_dict, validate
+from preftune.config import Config, config_to_dict
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WEIGHTS_ATOL, WEIGHTS_RTOL = 2e-5, 1e-4
@@ -77,24 +77,8 @@ def work(tmp_path_factory) -> Path:
 
 
 def _cfg(model: Path, data: Path, out: Path, **over) -> Config:
-    cfg = Config()
-    cfg.model.path = str(model)
-    cfg.data.train_files = [str(data)]
-    cfg.data.max_length = 64
-    cfg.data.max_prompt_length = 32
+    cfg = tiny_train_config(model, data, out, **{"train__device": "cpu", **over})
     cfg.data.cache_dir = str(out.parent / "cache")  # per run: no run reads another's cache
-    cfg.train.output_dir = str(out)
-    cfg.train.seed = 0
-    cfg.train.device = "cpu"
-    cfg.optim.lr = 3e-3
-    cfg.optim.warmup_ratio = 0.0
-    cfg.log.log_every = 1
-    cfg.log.progress = False
-    cfg.log.tensorboard = False
-    for key, value in over.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    validate(cfg)
     return cfg
 
 

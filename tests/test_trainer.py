@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_tiny_llama, toy_pairs, write_jsonl
+from _tiny import make_tiny_llama, tiny_train_config, toy_pairs, write_jsonl
 
-from preftune.config import Config, validate
+from preftune.config import Config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -33,26 +33,7 @@ def pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", toy_pairs(64, seed=0))
 
 
-def make_cfg(model_dir: Path, data_file: Path, out: Path, **over) -> Config:
-    cfg = Config()
-    cfg.model.path = str(model_dir)
-    cfg.data.train_files = [str(data_file)]
-    cfg.data.max_length = 64
-    cfg.data.max_prompt_length = 32
-    cfg.train.output_dir = str(out)
-    cfg.train.batch_size = 8
-    cfg.train.max_steps = 4
-    cfg.train.seed = 0
-    cfg.optim.lr = 3e-3
-    cfg.optim.warmup_ratio = 0.0
-    cfg.log.log_every = 1
-    cfg.log.progress = False
-    cfg.log.tensorboard = False
-    for key, value in over.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    validate(cfg)
-    return cfg
+make_cfg = tiny_train_config
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:

@@ -36,7 +36,6 @@ __all__ = [
     "check_overfitting",
     "check_stuck_at_log2",
     "check_unbounded_margins",
-    "format_finding",
     "format_warning",
     "init_loss_for",
 ]
@@ -71,10 +70,6 @@ def format_warning(f: Finding) -> str:
         if items:
             lines += [f"  {title}:", *(f"    - {x}" for x in items)]
     return "\n".join(lines)
-
-
-#: Alias: the trainer's name for :func:`format_warning`.
-format_finding = format_warning
 
 
 def init_loss_for(

@@ -93,16 +93,24 @@ def split_lm_head(model: nn.Module) -> LMHead | None:
     return LMHead(head.weight, head.bias, scale, softcap)
 
 
+def _zero_dropout_config(config) -> None:
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout probability: DPO compares log-probs of two policies, noise only blurs them."""
+    """Zero every dropout probability: DPO compares log-probs of two policies, noise only blurs them.
+
+    Modules that copied a probability from the config at construction (e.g. attention_dropout) are only
+    reached through the config before construction, which :func:`load_model` does.
+    """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     config = getattr(unwrap_causal_lm(model), "config", None)
     if config is not None:
-        for key, value in list(vars(config).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(config, key, 0.0)
+        _zero_dropout_config(config)
 
 
 def load_model(
@@ -126,9 +134,7 @@ def load_model(
         path, local_files_only=True, trust_remote_code=trust_remote_code
     )
     if not dropout:
-        for key, value in list(vars(config).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(config, key, 0.0)
+        _zero_dropout_config(config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         path,
