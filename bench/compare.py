@@ -62,7 +62,7 @@ class Row:
     model: str
     dataset: str
     max_length: int
-    mode: str  # default | precomputed | prefix | gc | exact
+    mode: str  # default | precomputed | padded | gc | exact
     warmup: int = 1
     steps: int = 4
     rounds: int = 2
@@ -81,9 +81,9 @@ class Row:
 
 
 MODES = {
-    "default": "preftune default reference (auto) vs TRL frozen reference copy",
+    "default": "preftune defaults (reference auto = frozen copy; prefix sharing auto = on for Llama) vs TRL frozen reference copy",
     "precomputed": "preftune reference.strategy=precomputed vs TRL precompute_ref_log_probs=True",
-    "prefix": "preftune train.prefix_sharing=true (default reference) vs TRL frozen reference copy",
+    "padded": "preftune train.prefix_sharing=false (two padded rows per pair, as TRL) vs TRL frozen reference copy",
     "gc": "preftune only, model.gradient_checkpointing=true (default reference)",
     "exact": "first-step loss, policy and reference of different random inits, same 2 pairs",
 }
@@ -97,7 +97,7 @@ def plan(kind: str) -> list[Row]:
         for ds in DATASETS:
             for mode in ("default", "precomputed"):
                 rows.append(Row("tiny", ds, 512, mode, warmup=1, steps=4, rounds=2))
-        rows.append(Row("tiny", "prompt-heavy", 512, "prefix", warmup=1, steps=4, rounds=2))
+        rows.append(Row("tiny", "prompt-heavy", 512, "padded", warmup=1, steps=4, rounds=2))
         rows.append(Row("20m", "prompt-heavy", 512, "default", warmup=1, steps=3, rounds=2))
         rows.append(Row("20m", "prompt-heavy", 512, "precomputed", warmup=1, steps=3, rounds=2))
         return rows
@@ -110,7 +110,7 @@ def plan(kind: str) -> list[Row]:
         "smol135m": (1, 4, 2),
     }.items():
         for ds in DATASETS:
-            for mode in ("default", "precomputed", "prefix"):
+            for mode in ("default", "precomputed", "padded"):
                 rows.append(Row(model, ds, 512, mode, warmup=warmup, steps=steps, rounds=rounds))
     for ds in ("prompt-heavy", "response-heavy"):  # the peak-RSS targets
         for mode in ("default", "precomputed"):
@@ -328,7 +328,7 @@ def target_for(row: Row) -> tuple[str, float, str] | None:
         return None
     if row.mode == "gc":
         return ("peak_rss_gib", GC_RSS_TARGET_GIB, "<=")
-    if row.max_length == 512 and row.mode in ("default", "precomputed", "prefix"):
+    if row.max_length == 512 and row.mode in ("default", "precomputed", "padded"):
         return ("tokens_per_s", SPEED_TARGETS[row.dataset], ">=")
     if row.max_length == 1024 and row.dataset in RSS_TARGETS:
         return ("peak_rss", RSS_TARGETS[row.dataset], "<=")
@@ -685,8 +685,8 @@ def worker_preftune(spec: dict, out: Path) -> None:
             "log": {"log_every": 1, "progress": False, "tensorboard": False},
         }
     )
-    if mode == "prefix":
-        cfg.train.prefix_sharing = True
+    if mode == "padded":
+        cfg.train.prefix_sharing = False
     apply_overrides(cfg, spec.get("preftune_set") or [])
     validate(cfg)
 
@@ -772,7 +772,7 @@ def worker_trl(spec: dict, out: Path) -> None:
     rec = Recorder(spec)
     work = Path(spec["work"])
     mode = spec["mode"]
-    if mode not in ("default", "precomputed", "prefix", "exact"):
+    if mode not in ("default", "precomputed", "padded", "exact"):
         raise ValueError(f"TRL has no counterpart of mode {mode!r}")
 
     class StepTimer(TrainerCallback):
@@ -913,17 +913,6 @@ def worker_fp64(spec: dict, out: Path) -> None:
 # Parent
 
 
-def prefix_sharing_wired() -> bool:
-    """Whether the training path reads train.prefix_sharing yet (the flag predates the feature)."""
-    src = REPO / "src" / "preftune"
-    users = ("trainer.py", "build.py", "modeling.py", "reference.py", "evaluation.py")
-    return any(
-        "prefix_sharing" in (src / name).read_text(errors="replace")
-        for name in users
-        if (src / name).exists()
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     group = ap.add_mutually_exclusive_group()
@@ -995,7 +984,6 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_path = Path(args.out) if args.out else RESULTS / f"compare-{kind}-{stamp}.json"
     bench = Bench(workdir, RESULTS / f"logs-{kind}-{stamp}", args.preftune_set)
-    wired = prefix_sharing_wired()
     doc: dict[str, Any] = {
         "kind": kind,
         "environment": environment(),
@@ -1020,10 +1008,6 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             res: dict[str, Any] = {"row": asdict(row)}
             doc["rows"].append(res)
-            if row.mode == "prefix" and not wired:
-                res["skipped"] = "train.prefix_sharing is not wired into the trainer yet"
-                print(f"- {row.name}: skipped ({res['skipped']})")
-                continue
             model_dir, meta = bench.model_dir(row.model)
             res["model"] = meta
             ref_dir = bench.model_dir(row.model, seed=1)[0] if row.mode == "exact" else None

@@ -319,13 +319,23 @@ def test_sigterm_checkpoints_and_exits_nonzero(tiny_dir, pairs_file, tmp_path):
 
 
 def test_prefix_sharing_trains_like_padded_rows(tiny_dir, pairs_file, tmp_path):
-    """train.prefix_sharing only changes how the prompt is computed: the same logged metrics per step."""
+    """train.prefix_sharing only changes how the prompt is computed: the same logged metrics per step.
+
+    Also checks that the default (null) picks the shared layout for a Llama model.
+    """
     from preftune.trainer import train
 
     common = {"train__max_steps": 3, "train__grad_accum": 2}
-    a = train(make_cfg(tiny_dir, pairs_file, tmp_path / "a", **common))
+    a = train(make_cfg(tiny_dir, pairs_file, tmp_path / "a", train__prefix_sharing=False, **common))
     b = train(make_cfg(tiny_dir, pairs_file, tmp_path / "b", train__prefix_sharing=True, **common))
+    c = train(make_cfg(tiny_dir, pairs_file, tmp_path / "c", **common))
     rows_a, rows_b = read_metrics(a.output_dir), read_metrics(b.output_dir)
+    assert read_metrics(c.output_dir) == [
+        {**r, "time": rc["time"], "tokens_per_s": rc["tokens_per_s"]}
+        for r, rc in zip(rows_b, read_metrics(c.output_dir))
+    ], (
+        "the default layout for Llama must be the shared one (bitwise the same run as prefix_sharing=true)"
+    )
     assert len(rows_a) == len(rows_b) == 3
     for ra, rb in zip(rows_a, rows_b):
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):

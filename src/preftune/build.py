@@ -147,7 +147,7 @@ def build_reference(
         source = policy.model
     if strategy == "copy":
         reference = CopyReference(
-            source, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
+            source, chunk_size=cfg.train.chunk_size, prefix_sharing=policy.shared_layout
         )
         dist.shard_frozen(reference.module)
         return reference
@@ -163,7 +163,7 @@ def build_reference(
         return cached
     module = dist.shard_frozen(
         CopyReference(
-            source, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
+            source, chunk_size=cfg.train.chunk_size, prefix_sharing=policy.shared_layout
         ).module
     )
     tables = {}

@@ -158,7 +158,11 @@ class TrainConfig:
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
-    prefix_sharing: bool = _f(False, "compute the shared prompt once for chosen and rejected")
+    prefix_sharing: bool | None = _f(
+        None,
+        "compute the prompt once for chosen and rejected (exact): null = when the model supports it, "
+        "true = require it, false = two padded rows per pair",
+    )
     compile: bool = _f(False, "torch.compile the model (opt-in; slow to start on CPU)")
     parallel: str = _f("auto", "auto | ddp | fsdp (under torchrun)")
     fsdp_cpu_offload: bool = _f(False, "offload FSDP parameters to CPU")

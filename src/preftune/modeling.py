@@ -156,6 +156,10 @@ class SequenceLogpsModel(nn.Module):
     Rows are whatever the collator produced (2B rows: chosen first, then rejected).
     """
 
+    shared_layout = (
+        False  # rows are padded [prompt|response] sequences (preftune.data.collate_pairs)
+    )
+
     def __init__(self, model: nn.Module, *, chunk_size: int = 1024):
         super().__init__()
         self.model = model
@@ -227,13 +231,26 @@ def forward_pairs(module: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
     return split_pairs(*module(**_model_inputs(batch)))
 
 
-def logps_module(model: nn.Module, *, chunk_size: int, prefix_sharing: bool = False) -> nn.Module:
-    """The log-prob module for a layout: padded two rows per pair, or the prompt computed once per pair."""
-    if prefix_sharing:
-        from preftune.sharing import SharedPrefixLogpsModel
+def logps_module(
+    model: nn.Module, *, chunk_size: int, prefix_sharing: bool | None = False
+) -> nn.Module:
+    """The log-prob module for a layout: padded two rows per pair, or the prompt computed once per pair.
 
+    ``prefix_sharing=None`` shares the prompt when the model's attention can be routed per segment and
+    falls back to padded rows (saying why) when it cannot; ``True`` raises instead of falling back. Both
+    layouts give the same log-probs; ``.shared_layout`` tells the collator which one to build.
+    """
+    if prefix_sharing is False:
+        return SequenceLogpsModel(model, chunk_size=chunk_size)
+    from preftune.sharing import SharedPrefixLogpsModel
+
+    try:
         return SharedPrefixLogpsModel(model, chunk_size=chunk_size)
-    return SequenceLogpsModel(model, chunk_size=chunk_size)
+    except ValueError as e:
+        if prefix_sharing:
+            raise
+        log.info("prefix sharing off for this model (%s); using padded rows", e)
+        return SequenceLogpsModel(model, chunk_size=chunk_size)
 
 
 def batch_num_pairs(batch: dict[str, Tensor]) -> int:

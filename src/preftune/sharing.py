@@ -227,6 +227,8 @@ class SharedPrefixLogpsModel(nn.Module):
             with a dense boolean mask per layer; ``O(T^2)`` memory and time per row).
     """
 
+    shared_layout = True  # batches come from collate_shared / collate_packed
+
     def __init__(
         self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, *, attention: str = "segments"
     ):

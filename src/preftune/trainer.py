@@ -86,16 +86,17 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
         write_json(run_dir / "data_drops.json", {"rows_read": data.rows_read, "drops": data.drops})
     pad_id = tokenizer.pad_token_id
 
-    def collate(examples):
-        if cfg.train.prefix_sharing:
-            return collate_shared(examples, pad_id)
-        return collate_pairs(examples, pad_id)
-
     # Policy, then the reference from θ₀, and only then a checkpoint's weights.
     if dist.parallel == "fsdp" and cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
         raise TrainingError("model.lora.merge_on_save is not supported with train.parallel=fsdp")
     policy_model, policy = build.build_policy(cfg, dist.load_device)
     log.info("log-probs: %s", "chunked LM head" if policy.uses_chunked_head else "full logits")
+
+    def collate(examples):  # the layout the policy module reads: shared prompt or padded rows
+        if policy.shared_layout:
+            return collate_shared(examples, pad_id)
+        return collate_pairs(examples, pad_id)
+
     reference = build.build_reference(
         cfg, policy, data, collate, device=device, autocast=autocast, progress=show, dist=dist
     )
