@@ -384,3 +384,19 @@ def test_prefix_sharing_gradients_equal_padded_rows(tiny_dir, tmp_path):
         # fp64, but ~1e-9 absolute differences appear below the last layer (attention backward of the
         # segment kernel vs the padded-mask kernel); a wrong mask would differ at O(1e-3) here.
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_compile_opt_in_gives_the_same_logged_run(tiny_dir, pairs_file, tmp_path):
+    """train.compile only fuses element-wise work: the logged losses match the eager run."""
+    from preftune.modeling import compile_blocks, load_model
+    from preftune.trainer import train
+
+    assert compile_blocks(load_model(tiny_dir, device=torch.device("cpu"))) == 2 * 3  # 2 layers
+
+    a = train(make_cfg(tiny_dir, pairs_file, tmp_path / "a", train__max_steps=2))
+    b = train(
+        make_cfg(tiny_dir, pairs_file, tmp_path / "b", train__max_steps=2, train__compile=True)
+    )
+    for ra, rb in zip(read_metrics(a.output_dir), read_metrics(b.output_dir), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+        assert rb["logps/chosen"] == pytest.approx(ra["logps/chosen"], rel=1e-5, abs=1e-5)

@@ -19,7 +19,7 @@ from preftune.config import Config, resolved_reference_strategy
 from preftune.data import pair_lengths
 from preftune.distributed import DistContext
 from preftune.losses import compute_loss
-from preftune.modeling import SequenceLogpsModel, load_model, logps_module
+from preftune.modeling import SequenceLogpsModel, compile_blocks, load_model, logps_module
 from preftune.reference import (
     AdapterReference,
     CopyReference,
@@ -110,6 +110,8 @@ def build_policy(cfg: Config, device: torch.device) -> tuple[nn.Module, Sequence
         if cfg.model.lora.enabled:
             model.enable_input_require_grads()
     model.train()
+    if cfg.train.compile:
+        log.info("torch.compile: %d modules", compile_blocks(model))
     return model, logps_module(
         model, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
     )
