@@ -1,4 +1,4 @@
-"""Micro-benchmark: padded two rows vs prefix sharing vs packing (fwd+bwd of the policy log-probs).
+"""Micro-benchmark: padded two rows vs the shared-prompt layout (fwd+bwd of the policy log-probs).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_sharing.py [--iters 7] [--warmup 2]
 
@@ -23,40 +23,10 @@ import time
 
 import torch
 
-from preftune.modeling import SequenceLogpsModel
-from preftune.sharing import (
-    SharedPrefixLogpsModel,
-    collate_packed,
-    collate_shared,
-    shared_model_inputs,
-)
+from preftune.model import PaddedLogps, SharedPromptLogps, collate_padded, collate_shared
+from preftune.model.attention import prepare_shared
 
 PAD = 0
-
-
-def padded_batch(examples, pad_token_id):
-    """Two padded rows per pair (chosen rows first), as preftune.data.collate_pairs lays them out."""
-    try:
-        from preftune.data import collate_pairs
-
-        b = collate_pairs(examples, pad_token_id)
-        return {k: b[k] for k in ("input_ids", "attention_mask", "position_ids", "completion_mask")}
-    except ImportError:
-        pass
-    seqs, comp = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            seqs.append(ex["prompt_ids"] + ex[key])
-            comp.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[key]))
-    length = max(map(len, seqs))
-    ids = torch.full((len(seqs), length), pad_token_id)
-    attn, cmask, pos = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (s, c) in enumerate(zip(seqs, comp)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        cmask[i, : len(s)] = torch.tensor(c)
-        pos[i, : len(s)] = torch.arange(len(s))
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "completion_mask": cmask}
 
 
 def make_pairs(n, prompt, response, vocab, seed):
@@ -111,50 +81,39 @@ def matmul_gflops(n=1024, reps=5):
 def variants(model, pairs):
     """name -> (module, inputs, tokens through the model, padded slots)."""
     out = {}
-    padded = padded_batch(pairs, PAD)
-    real = int(padded["attention_mask"].sum())
-    out["padded two rows (SequenceLogpsModel)"] = (
-        SequenceLogpsModel(copy.deepcopy(model)),
-        padded,
-        real,
-        padded["input_ids"].numel(),
+    padded = collate_padded(pairs, PAD)
+    out["padded two rows"] = (
+        PaddedLogps(copy.deepcopy(model), chunk_size=1024),
+        padded.model_inputs(),
+        int(padded.attention_mask.sum()),
+        padded.input_ids.numel(),
     )
-    specs = [
-        ("shared, packed row, segments", collate_shared, {}, "segments"),
-        ("shared, packed row, dense mask", collate_shared, {}, "dense"),
-        ("shared, row per pair, segments", collate_shared, {"pairs_per_row": 1}, "segments"),
-        ("packed (no sharing), segments", collate_packed, {}, "segments"),
-        ("packed (no sharing), dense mask", collate_packed, {}, "dense"),
-    ]
-    for name, collate, kw, attention in specs:
-        batch = collate(pairs, PAD, **kw)
-        module = SharedPrefixLogpsModel(copy.deepcopy(model), attention=attention)
-        seg = batch["segments"]
-        real = int(seg[:, 2:].sum())
-        out[name] = (module, shared_model_inputs(batch), real, batch["input_ids"].numel())
+    layers = model.config.num_hidden_layers
+    for name, kw in [("shared, one row", {}), ("shared, row per pair", {"pairs_per_row": 1})]:
+        batch = collate_shared(pairs, PAD, **kw)
+        shared_model = copy.deepcopy(model)
+        prepare_shared(shared_model)
+        module = SharedPromptLogps(shared_model, chunk_size=1024, attention_layers=layers)
+        real = int(batch.segments[:, 2:].sum())
+        out[name] = (module, batch.model_inputs(), real, batch.input_ids.numel())
     return out
 
 
 def attention_only(name, pairs, iters, heads=6, kv_heads=2, head_dim=64):
-    """One attention layer fwd+bwd on each layout: isolates the segments-vs-dense choice from the matmuls."""
-    from preftune.attention import SegmentPlan, _planned_attention
+    """One attention layer fwd+bwd on each layout: the per-segment calls against one masked SDPA call."""
+    from preftune.model.attention import SegmentPlan, _planned_attention
 
     cases = {}
-    padded = padded_batch(pairs, PAD)
-    mask = padded["attention_mask"].bool()
+    padded = collate_padded(pairs, PAD)
+    mask = padded.attention_mask.bool()
     rows, length = mask.shape
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     pad_mask = (causal[None] & mask[:, None, :]) | torch.eye(length, dtype=torch.bool)
     cases["padded two rows (HF SDPA padding mask)"] = (None, rows, length, pad_mask[:, None])
-    for label, collate, kw in [
-        ("shared, packed row", collate_shared, {}),
-        ("shared, row per pair", collate_shared, {"pairs_per_row": 1}),
-        ("packed (no sharing)", collate_packed, {}),
-    ]:
-        b = collate(pairs, PAD, **kw)
-        r, t = b["input_ids"].shape
-        for mode in ("segments", "dense"):
-            cases[f"{label}, {mode}"] = (b["segments"].tolist(), r, t, mode)
+    for label, kw in [("shared, one row", {}), ("shared, row per pair", {"pairs_per_row": 1})]:
+        b = collate_shared(pairs, PAD, **kw)
+        r, t = b.input_ids.shape
+        cases[label] = (b.segments.tolist(), r, t, None)
 
     def run_case(case):
         segs, r, t, extra = case
@@ -167,7 +126,10 @@ def attention_only(name, pairs, iters, heads=6, kv_heads=2, head_dim=64):
                 q, k, v, attn_mask=extra, enable_gqa=True
             )
         else:
-            out = _planned_attention(SegmentPlan(segs, r, t, extra), q, k, v, 0.0, None)
+            out = _planned_attention(
+                SegmentPlan(segs, r, t), q, k, v,
+                dropout=0.0, scaling=None, window=None, softcap=None, sinks=None,
+            )  # fmt: skip
         out.sum().backward()
         return (time.perf_counter() - start) * 1e3
 
@@ -190,7 +152,7 @@ def attention_only(name, pairs, iters, heads=6, kv_heads=2, head_dim=64):
 
 def step(module, inputs):
     module.zero_grad(set_to_none=True)
-    logps, _ = module(**inputs)
+    logps = module(**inputs)[0]
     logps.sum().backward()
     return logps.detach()
 

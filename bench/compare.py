@@ -708,10 +708,10 @@ def worker_preftune(spec: dict, out: Path) -> None:
 
     def window_backward(model, reference, micro, loss_fn, **kw):
         for b in micro:
-            if "attention_mask" in b and b["input_ids"].dim() == 2:
-                rec.batch(b["input_ids"], b["attention_mask"], b["completion_mask"], b.get("index"))
-            else:  # another layout (packed / prefix-shared): fall back to the data index
-                rec.step_pairs.append([int(i) for i in b["index"]])
+            if hasattr(b, "attention_mask"):  # padded rows
+                rec.batch(b.input_ids, b.attention_mask, b.completion_mask, b.index)
+            else:  # the shared-prompt layout: fall back to the data index
+                rec.step_pairs.append([int(i) for i in b.index])
         return orig_window(model, reference, micro, loss_fn, **kw)
 
     ptrainer.window_backward = window_backward
@@ -745,7 +745,6 @@ def worker_preftune(spec: dict, out: Path) -> None:
         reference=resolved_reference_strategy(cfg),
         flags={
             "prefix_sharing": cfg.train.prefix_sharing,
-            "padding_free": cfg.data.padding_free,
             "chunk_size": cfg.train.chunk_size,
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
             "compile": cfg.train.compile,

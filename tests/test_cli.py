@@ -249,7 +249,7 @@ def test_print_config_shows_resolved_values_and_docs(capsys, tmp_path):
     assert code == 0, err
     assert "  beta: 0.05  # beta of the loss" in out
     assert "  name: [sigmoid, sft]  #" in out
-    assert "  path: models/m  # local Hugging Face model folder" in out
+    assert "  path: models/m  # the starting policy: a local Hugging Face model folder" in out
     assert yaml.safe_load(out)["loss"]["beta"] == 0.05
 
 
@@ -381,8 +381,10 @@ def test_demo_passes_arguments(capsys, tmp_path, monkeypatch):
 def test_eval_table_and_json(capsys, tmp_path, model_dir, monkeypatch):
     calls = []
 
-    def evaluate_model(model_dir, data_file, *, ref_dir, beta, batch_size, max_length):
-        calls.append((model_dir, data_file, ref_dir, beta, batch_size, max_length))
+    def evaluate_model(
+        model, data_file, *, ref, beta, batch_size, max_length, loss="sigmoid", trust_remote_code=False
+    ):
+        calls.append((model, data_file, ref, beta, batch_size, max_length))
         return {"rewards/accuracies": 0.75, "rewards/margins": 1.5, "logps/chosen": -12.0}
 
     fake_module(monkeypatch, "preftune.evaluation", evaluate_model=evaluate_model)
@@ -401,7 +403,8 @@ def test_eval_input_errors(capsys, tmp_path, model_dir):
     data = write_pairs(tmp_path / "d.jsonl")
     assert_one_line_error(
         *run(capsys, "eval", "--model", str(tmp_path / "no"), "--data", str(data))[::2],
-        "model folder not found",
+        "--model",
+        "not found",
     )
     assert_one_line_error(
         *run(capsys, "eval", "--model", str(tmp_path), "--data", str(data))[::2],
@@ -506,7 +509,8 @@ def test_data_input_errors(capsys, tmp_path, tok_dir):
     assert_one_line_error(*run(capsys, "data", str(path))[::2], "--tokenizer")
     assert_one_line_error(
         *run(capsys, "data", str(path), "--tokenizer", str(tmp_path / "nope"))[::2],
-        "tokenizer folder not found",
+        "model.tokenizer_path",
+        "not found",
     )
     assert_one_line_error(
         *run(capsys, "data", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tok_dir))[::2],
@@ -569,7 +573,8 @@ def test_generate_input_errors(capsys, tmp_path, model_dir, tok_dir):
     )
     assert_one_line_error(
         *run(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x")[::2],
-        "model folder not found",
+        "--model",
+        "not found",
     )
     assert_one_line_error(
         *run(capsys, *base, "--prompt", "x", "--temperature", "-1")[::2], "--temperature"

@@ -105,24 +105,25 @@ def test_precomputed_cache_reused_and_invalidated(tiny_dir, tmp_path, monkeypatc
 def _grads_after_window(model_dir, pairs, windows, loss, weights=None):
     """fp64 gradients after one optimizer window made of the given micro-batch index lists."""
     from preftune.build import build_loss_fn
-    from preftune.data import collate_pairs
     from preftune.distributed import DistContext
-    from preftune.modeling import SequenceLogpsModel, load_model
+    from preftune.model import PaddedLayout, load_model, resolve_source
     from preftune.reference import CopyReference
     from preftune.trainer import window_backward
 
-    model = load_model(model_dir, device=torch.device("cpu")).double()
-    policy = SequenceLogpsModel(model, chunk_size=7)
-    reference = CopyReference(model, chunk_size=5)
+    model = load_model(resolve_source(model_dir), device=torch.device("cpu")).double()
+    layout = PaddedLayout(pad_token_id=0, chunk_size=7)
+    policy = layout.module(model)
+    reference = CopyReference(model, PaddedLayout(pad_token_id=0, chunk_size=5))
     cfg = Config()
     cfg.loss.name = loss
     cfg.loss.weights = weights
-    micro = [collate_pairs([pairs[i] for i in idx], 0) for idx in windows]
+    micro = [layout.collate([pairs[i] for i in idx]) for idx in windows]
     window_backward(
         policy,
         reference,
         micro,
         build_loss_fn(cfg),
+        layout=layout,
         device=torch.device("cpu"),
         autocast=_null,
         dist=DistContext(),
@@ -181,9 +182,8 @@ def test_same_seed_gives_bitwise_same_weights(tiny_dir, pairs_file, tmp_path):
 def test_saved_model_reloads_and_gives_same_logps(tiny_dir, pairs_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preftune.data import collate_pairs
     from preftune.logprobs import sequence_logps
-    from preftune.modeling import SequenceLogpsModel, forward_pairs
+    from preftune.model import PaddedLayout
     from preftune.trainer import train
 
     result = train(make_cfg(tiny_dir, pairs_file, tmp_path / "run", train__max_steps=2))
@@ -191,7 +191,8 @@ def test_saved_model_reloads_and_gives_same_logps(tiny_dir, pairs_file, tmp_path
     model = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
     ids = tok("abc? yes", return_tensors="pt").input_ids
     model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-    batch = collate_pairs(
+    layout = PaddedLayout(pad_token_id=0, chunk_size=1024)
+    batch = layout.collate(
         [
             {
                 "prompt_ids": [1, 5, 6],
@@ -200,14 +201,13 @@ def test_saved_model_reloads_and_gives_same_logps(tiny_dir, pairs_file, tmp_path
                 "weight": 1.0,
                 "index": 0,
             }
-        ],
-        0,
+        ]
     )
-    ours = forward_pairs(SequenceLogpsModel(model), batch)
+    ours = layout.logps(layout.module(model), batch)
     full = sequence_logps(
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-        batch["input_ids"],
-        batch["completion_mask"],
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+        batch.input_ids,
+        batch.completion_mask,
     )[0]
     torch.testing.assert_close(
         torch.cat([ours.chosen_logps, ours.rejected_logps]), full, rtol=1e-5, atol=1e-5
@@ -346,11 +346,15 @@ def test_prefix_sharing_gradients_equal_padded_rows(tiny_dir, tmp_path):
     """One window through the shared [P|C|R] layout gives the padded layout's fp64 gradients (to 1e-6)."""
     from preftune.build import build_loss_fn, build_tokenizer
     from preftune.config import DataConfig
-    from preftune.data import collate_pairs, load_preference_data
+    from preftune.data import load_preference_data
     from preftune.distributed import DistContext
-    from preftune.modeling import load_model, logps_module
+    from preftune.model import (
+        PaddedLayout,
+        SharedPromptLayout,
+        load_model,
+        resolve_source,
+    )
     from preftune.reference import CopyReference
-    from preftune.sharing import collate_shared
     from preftune.trainer import window_backward
 
     cfg = Config()
@@ -361,20 +365,25 @@ def test_prefix_sharing_gradients_equal_padded_rows(tiny_dir, tmp_path):
     data = load_preference_data(data_cfg, build_tokenizer(cfg))
     pairs = [data.train[i] for i in range(5)]
     grads = []
-    for shared, collate in ((False, collate_pairs), (True, collate_shared)):
-        model = load_model(tiny_dir, device=torch.device("cpu")).double()
-        policy = logps_module(model, chunk_size=4, prefix_sharing=shared)
-        reference = CopyReference(model, chunk_size=4, prefix_sharing=shared)
+    layouts = (
+        PaddedLayout(pad_token_id=0, chunk_size=4),
+        SharedPromptLayout(pad_token_id=0, chunk_size=4, attention_layers=2),
+    )
+    for layout in layouts:
+        model = load_model(resolve_source(tiny_dir), device=torch.device("cpu")).double()
+        policy = layout.module(model)
+        reference = CopyReference(model, layout)
         torch.manual_seed(0)
         with torch.no_grad():  # move the policy off θ₀ so the margins are not all zero
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        micro = [collate(pairs[:3], 0), collate(pairs[3:], 0)]
+        micro = [layout.collate(pairs[:3]), layout.collate(pairs[3:])]
         window_backward(
             policy,
             reference,
             micro,
             build_loss_fn(cfg),
+            layout=layout,
             device=torch.device("cpu"),
             autocast=_null,
             dist=DistContext(),
@@ -388,10 +397,11 @@ def test_prefix_sharing_gradients_equal_padded_rows(tiny_dir, tmp_path):
 
 def test_compile_opt_in_gives_the_same_logged_run(tiny_dir, pairs_file, tmp_path):
     """train.compile only fuses element-wise work: the logged losses match the eager run."""
-    from preftune.modeling import compile_blocks, load_model
+    from preftune.model import compile_blocks, load_model, resolve_source
     from preftune.trainer import train
 
-    assert compile_blocks(load_model(tiny_dir, device=torch.device("cpu"))) == 2 * 3  # 2 layers
+    model = load_model(resolve_source(tiny_dir), device=torch.device("cpu"))
+    assert compile_blocks(model) == 2 * 3  # 2 layers
 
     a = train(make_cfg(tiny_dir, pairs_file, tmp_path / "a", train__max_steps=2))
     b = train(

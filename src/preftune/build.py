@@ -19,7 +19,15 @@ from preftune.config import Config, resolved_reference_strategy
 from preftune.data import pair_lengths
 from preftune.distributed import DistContext
 from preftune.losses import compute_loss
-from preftune.modeling import SequenceLogpsModel, compile_blocks, load_model, logps_module
+from preftune.model import (
+    Layout,
+    ModelSource,
+    choose_layout,
+    compile_blocks,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+)
 from preftune.reference import (
     AdapterReference,
     CopyReference,
@@ -31,13 +39,16 @@ from preftune.reference import (
 
 __all__ = [
     "autocast_factory",
+    "build_layout",
     "build_loss_fn",
     "build_optimizer",
-    "build_policy",
+    "build_policy_model",
     "build_reference",
     "build_scheduler",
     "build_tokenizer",
     "cache_root",
+    "load_reference_model",
+    "model_source",
     "warmup_steps",
 ]
 
@@ -48,19 +59,25 @@ def cache_root(explicit: str | None) -> Path:
     import os
 
     if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
+
+
+def model_source(cfg: Config) -> ModelSource:
+    m = cfg.model
+    return resolve_source(m.path, revision=m.revision, gguf_file=m.gguf_file)
 
 
 def build_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    path = cfg.model.tokenizer_path or cfg.model.path
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked out everywhere; any id works, EOS is the conventional choice.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """The run's tokenizer: ``model.tokenizer_path`` when set, else the model's own (GGUF included)."""
+    m = cfg.model
+    if m.tokenizer_path:
+        source = resolve_source(m.tokenizer_path, setting="model.tokenizer_path", kind="tokenizer")
+    else:
+        source = resolve_source(
+            m.path, revision=m.revision, gguf_file=m.gguf_file, kind="tokenizer"
+        )
+    return load_tokenizer(source, trust_remote_code=m.trust_remote_code)
 
 
 def autocast_factory(
@@ -78,14 +95,15 @@ def autocast_factory(
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch_dtype)
 
 
-def build_policy(cfg: Config, device: torch.device) -> tuple[nn.Module, SequenceLogpsModel]:
-    """The trainable model (LoRA-wrapped when configured) and the log-prob module around it."""
+def build_policy_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The trainable model: loaded (dropout off), LoRA-wrapped when configured, in training mode."""
     model = load_model(
-        cfg.model.path,
+        model_source(cfg),
         device=device,
         attn_implementation=cfg.model.attn_implementation,
         dropout=cfg.model.dropout,
         trust_remote_code=cfg.model.trust_remote_code,
+        output_router_logits=cfg.model.output_router_logits,
     )
     if cfg.model.lora.enabled:
         try:
@@ -95,13 +113,15 @@ def build_policy(cfg: Config, device: torch.device) -> tuple[nn.Module, Sequence
                 "model.lora.enabled needs peft: pip install 'preftune[lora]'"
             ) from None
         lora = cfg.model.lora
+        targets = lora.target_modules
         model = get_peft_model(
             model,
             LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout if cfg.model.dropout else 0.0,
-                target_modules=lora.target_modules,
+                # peft's own "all-linear": the model's linear layers, whatever they are called.
+                target_modules="all-linear" if targets == ["all-linear"] else targets,
                 task_type="CAUSAL_LM",
             ),
         )
@@ -112,17 +132,43 @@ def build_policy(cfg: Config, device: torch.device) -> tuple[nn.Module, Sequence
     model.train()
     if cfg.train.compile:
         log.info("torch.compile: %d modules", compile_blocks(model))
-    return model, logps_module(
-        model, chunk_size=cfg.train.chunk_size, prefix_sharing=cfg.train.prefix_sharing
+    return model
+
+
+def load_reference_model(cfg: Config, device: torch.device) -> nn.Module | None:
+    """The separate reference model of ``reference.path`` (copy / precomputed), else None."""
+    if not cfg.reference.path or resolved_reference_strategy(cfg) not in ("copy", "precomputed"):
+        return None
+    source = resolve_source(cfg.reference.path, setting="reference.path")
+    return load_model(
+        source,
+        device=device,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def build_layout(
+    cfg: Config, tokenizer, policy_model: nn.Module, ref_model: nn.Module | None = None
+) -> Layout:
+    """The run's layout, proven on the policy (and a separate reference model) by the setup probe."""
+    return choose_layout(
+        policy_model,
+        *([ref_model] if ref_model is not None else []),
+        pad_token_id=tokenizer.pad_token_id,
+        chunk_size=cfg.train.chunk_size,
+        prefix_sharing=cfg.train.prefix_sharing,
+        check_determinism=not cfg.model.dropout,
     )
 
 
 def build_reference(
     cfg: Config,
-    policy: SequenceLogpsModel,
+    policy: nn.Module,
+    layout: Layout,
     data,
-    collate,
     *,
+    ref_model: nn.Module | None = None,
     device: torch.device,
     autocast,
     progress: bool = True,
@@ -130,44 +176,36 @@ def build_reference(
 ) -> Reference | None:
     """The configured reference strategy, built from θ₀ (call before loading a checkpoint).
 
-    Under torchrun (``dist``) a copy is sharded like the policy with FSDP, and precomputed log-probs are
-    computed in parallel: each rank its share of the pairs, gathered into one table; rank 0 writes the cache.
+    ``policy`` is the layout's log-prob module around the policy; ``ref_model`` a separate reference model
+    (:func:`load_reference_model`), else the reference is the starting policy. Under torchrun (``dist``) a
+    copy is sharded like the policy with FSDP, and precomputed log-probs are computed in parallel: each rank
+    its share of the pairs, gathered into one table; rank 0 writes the cache.
     """
     dist = dist or DistContext(device=device)
     strategy = resolved_reference_strategy(cfg)
     if strategy == "none":
         return None
     if strategy == "adapter":
-        return AdapterReference(policy)
-    if cfg.reference.path:
-        source = load_model(
-            cfg.reference.path,
-            device=dist.load_device,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    else:
-        source = policy.model
+        return AdapterReference(policy, layout)
+    source = ref_model if ref_model is not None else policy.model
     if strategy == "copy":
-        reference = CopyReference(
-            source, chunk_size=cfg.train.chunk_size, prefix_sharing=policy.shared_layout
-        )
+        reference = CopyReference(source, layout)
         dist.shard_frozen(reference.module)
         return reference
     # precomputed: the key covers weights, tokenized data, and every setting that changes the numbers.
     import hashlib
 
-    settings = f"{data.fingerprint}|{cfg.model.dtype}|{cfg.model.attn_implementation}|{device.type}"
+    settings = (
+        f"{data.fingerprint}|{cfg.model.dtype}|{cfg.model.attn_implementation}|{device.type}|"
+        f"{layout.name}|{layout.chunked_head}"
+    )
     key = hashlib.sha256(f"{hash_weights(source)}|{settings}".encode()).hexdigest()[:32]
     root = cache_root(cfg.reference.cache_dir)
     cached = PrecomputedReference.load(root, key)
     if dist.all(cached is not None):
         log.info("reference log-probs: cache hit %s", PrecomputedReference.cache_path(root, key))
         return cached
-    module = dist.shard_frozen(
-        CopyReference(
-            source, chunk_size=cfg.train.chunk_size, prefix_sharing=policy.shared_layout
-        ).module
-    )
+    module = dist.shard_frozen(CopyReference(source, layout).module)
     tables = {}
     for split, dataset in (("train", data.train), ("eval", data.eval)):
         if dataset is None or len(dataset) == 0:
@@ -176,7 +214,7 @@ def build_reference(
         table = precompute_logps(
             module,
             dataset,
-            collate,
+            layout,
             batch_size=cfg.reference.batch_size,
             device=device,
             autocast=autocast,

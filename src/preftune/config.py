@@ -61,18 +61,38 @@ class LoraConfig:
     alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = _f(0.05, "dropout on the LoRA input")
     target_modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names that receive adapters",
+        ["all-linear"],
+        "module names that receive adapters; all-linear = every linear layer of the decoder "
+        "(the model's own names, whatever its architecture; never the LM head)",
     )
     merge_on_save: bool = _f(False, "also save the merged full model beside the adapter")
 
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "local Hugging Face model folder of the starting policy")
-    tokenizer_path: str | None = _f(None, "tokenizer folder (default: the model folder)")
+    path: str = _f(
+        "",
+        "the starting policy: a local Hugging Face model folder, a .gguf file, or a Hub id org/name "
+        "(offline: from the local Hub cache)",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) when path is a Hub id")
+    gguf_file: str | None = _f(
+        None, "GGUF file inside the model folder / Hub repo (dequantised to fp32; needs `gguf`)"
+    )
+    tokenizer_path: str | None = _f(
+        None, "tokenizer folder, .gguf file or Hub id (default: the model's)"
+    )
     dtype: str = _f("auto", "auto | float32 | bfloat16: auto = fp32 on CPU, bf16 autocast on GPU")
-    attn_implementation: str | None = _f("sdpa", "attention backend passed to from_pretrained")
+    attn_implementation: str | None = _f(
+        "auto",
+        "attention backend passed to from_pretrained: auto = sdpa where the model supports it, "
+        "else eager; or sdpa | eager | flash_attention_2 | flex_attention",
+    )
+    output_router_logits: bool | None = _f(
+        None,
+        "MoE models: add the router load-balancing loss (router_aux_loss_coef x aux) to the "
+        "training loss; null = as the model's config says",
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     dropout: bool = _f(False, "keep the model's dropout on (off by default, as in the DPO paper)")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the model folder")
@@ -107,7 +127,6 @@ class DataConfig:
         None, "tokenized-data cache (default $PREFTUNE_CACHE or ~/.cache/preftune)"
     )
     group_by_length: bool = _f(False, "batch pairs of similar length to cut padding")
-    padding_free: bool = _f(False, "pack the rows of a micro-batch into one padding-free row")
 
 
 @dataclass
@@ -160,8 +179,8 @@ class TrainConfig:
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
     prefix_sharing: bool | None = _f(
         None,
-        "compute the prompt once for chosen and rejected (exact): null = when the model supports it, "
-        "true = require it, false = two padded rows per pair",
+        "compute the prompt once for chosen and rejected: null = where a setup probe proves it exact "
+        "for this model, true = require it (error if not exact), false = two padded rows per pair",
     )
     compile: bool = _f(
         False, "torch.compile each decoder layer's MLP and norms (opt-in; no gain measured on CPU)"

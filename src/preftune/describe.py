@@ -39,7 +39,6 @@ def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, A
     padding: dict[str, Any] = {
         "batch_size": cfg.train.batch_size,
         "group_by_length": cfg.data.group_by_length,
-        "padding_free": cfg.data.padding_free,
     }
     if n_train:
         rows, pairs = row_lengths(train), pair_lengths(train)
@@ -163,8 +162,10 @@ def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
             f"(right padding, group_by_length={str(grouped).lower()}); "
             f"group_by_length={str(not grouped).lower()} would give {pad['share_other']:.1%}"
         )
-        if pad["padding_free"]:
-            out.append("           (data.padding_free=true packs rows, so training pads nothing)")
+        out.append(
+            "           (padded layout; the shared-prompt layout, used where the model supports it, "
+            "packs each batch in one row and pads nothing)"
+        )
 
     if d["examples"]:
         out.append("")

@@ -10,8 +10,8 @@ Choices, and why:
   so a collective whose peer died raises instead of hanging. A rank that fails prints
   ``preftune: rank R/N failed: ...`` and exits non-zero; torchrun then stops the others.
 - **Parallelism.** ``train.parallel``: ``auto`` = ``ddp`` under torchrun. DDP wraps the
-  :class:`~preftune.modeling.SequenceLogpsModel` (the whole log-prob computation is its ``forward``). FSDP2
-  (``fully_shard``) shards every decoder layer (the model's ``_no_split_modules``), then the root; its
+  :mod:`preftune.model` log-prob module (the whole log-prob computation is its ``forward``). FSDP2
+  (``fully_shard``) shards every decoder layer (:func:`preftune.model.decoder_layer_classes`), then the root; its
   gradients are DTensors and :meth:`DistContext.clip_grad_norm` returns their global norm. Both average
   gradients over ranks; the trainer's loss is normalised by totals over all ranks and multiplied by the world
   size (FORMULAS.md). Non-final micro-steps skip gradient sync (DDP ``no_sync``, FSDP2
@@ -41,7 +41,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -60,11 +60,9 @@ from preftune.checkpoint import (
 )
 
 __all__ = [
-    "PLACEHOLDER_KEY",
     "TIMEOUT_ENV",
     "DistContext",
     "init_distributed",
-    "is_placeholder",
     "resolve_parallel",
 ]
 
@@ -73,8 +71,6 @@ log = logging.getLogger(__name__)
 #: Environment variable: seconds a collective may wait before it raises (default 1800).
 TIMEOUT_ENV = "PREFTUNE_DIST_TIMEOUT_S"
 _DEFAULT_TIMEOUT_S = 1800.0
-#: Key marking a placeholder micro-batch (an empty share on this rank; see the module docstring).
-PLACEHOLDER_KEY = "placeholder"
 _DCP_DIR = "dcp"
 
 
@@ -83,10 +79,6 @@ def resolve_parallel(parallel: str, world_size: int) -> str:
     if world_size <= 1:
         return "none"
     return "ddp" if parallel == "auto" else parallel
-
-
-def is_placeholder(batch: dict[str, Tensor]) -> bool:
-    return PLACEHOLDER_KEY in batch
 
 
 @dataclass
@@ -204,14 +196,14 @@ class DistContext:
         return self._device_mesh
 
     def _fully_shard(self, root: nn.Module, causal_lm: nn.Module, **kwargs: Any) -> None:
-        """FSDP2: one unit per decoder layer (the model's ``_no_split_modules``), then the root."""
+        """FSDP2: one unit per decoder layer, then the root."""
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-        from preftune.modeling import unwrap_causal_lm
+        from preftune.model import decoder_layer_classes, unwrap_causal_lm
 
         lm = unwrap_causal_lm(causal_lm)
-        names = set(getattr(lm, "_no_split_modules", None) or ())
-        layers = [m for m in lm.modules() if type(m).__name__ in names]
+        classes = decoder_layer_classes(lm)
+        layers = [m for m in lm.modules() if isinstance(m, classes)] if classes else []
         if not layers:
             raise ValueError(
                 f"train.parallel=fsdp: {type(lm).__name__} names no decoder layer class "
@@ -270,16 +262,6 @@ class DistContext:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
         return full() if callable(full) else norm
-
-    def placeholder_batch(
-        self, collate: Callable, dataset: Any, lengths: Sequence[int]
-    ) -> dict[str, Tensor]:
-        """A stand-in for an empty micro-batch share: the shortest pair, weight 0, marked as placeholder."""
-        i = min(range(len(lengths)), key=lengths.__getitem__)
-        batch = collate([dataset[i]])
-        batch["weights"] = torch.zeros_like(batch["weights"])
-        batch[PLACEHOLDER_KEY] = torch.ones(1, dtype=torch.bool)
-        return batch
 
     # -----------------------------------------------------------------------------------------------
     # Metrics and reference tables

@@ -12,9 +12,9 @@ import contextlib
 import torch
 from torch import Tensor
 
-from preftune.modeling import SequenceLogps, batch_chosen_tokens, forward_pairs
+from preftune.model import Layout, SequenceLogps
 
-__all__ = ["StepMetrics", "evaluate", "evaluate_model"]
+__all__ = ["StepMetrics", "evaluate", "evaluate_model", "micro_loss"]
 
 _PAIR_KEYS = (
     "rewards/chosen",
@@ -39,6 +39,7 @@ class StepMetrics:
         self.sums = torch.zeros(len(_PAIR_KEYS), dtype=torch.float64, device=self.device)
         self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.aux_loss: Tensor | None = None  # pair-weighted sum of the model's router term
         self.pairs = 0
         self.steps = 0
 
@@ -61,6 +62,9 @@ class StepMetrics:
         self.sums += per_pair.sum(dim=1).double()
         self.loss += loss_contribution.double()
         self.pairs += cr.shape[0]
+        if pol.aux_loss is not None:
+            aux = pol.aux_loss.detach().double() * cr.shape[0]
+            self.aux_loss = aux if self.aux_loss is None else self.aux_loss + aux
 
     def add_grad_norm(self, grad_norm: Tensor) -> None:
         self.grad_norm += grad_norm.detach().double()
@@ -76,16 +80,27 @@ class StepMetrics:
         row["loss"] = values[-2] / steps
         if self.steps:
             row["grad_norm"] = values[-1] / steps
+        if self.aux_loss is not None:
+            row["aux_loss"] = float(self.aux_loss) / max(self.pairs, 1)
         self.reset()
         return {"loss": row.pop("loss"), **row}
 
 
+def micro_loss(out, pol: SequenceLogps, batch, n_pairs: float, n_tokens: float) -> Tensor:
+    """One micro-batch's share of a window loss: the pair and token terms over the window totals, plus
+    the model's router term weighted by this micro-batch's share of the window's pairs."""
+    loss = out.reduce(n_pairs, n_tokens, weights=batch.weights)
+    if pol.aux_loss is not None:
+        loss = loss + pol.aux_loss * (batch.num_pairs / n_pairs)
+    return loss
+
+
 @torch.no_grad()
 def evaluate(
-    model,
+    module,
     reference,
     dataset,
-    collate,
+    layout: Layout,
     loss_fn,
     *,
     batch_size: int,
@@ -93,25 +108,25 @@ def evaluate(
     autocast=contextlib.nullcontext,
     split: str = "eval",
 ) -> dict[str, float]:
-    """Loss and pair metrics over a whole split; the loss is reduced exactly as in training."""
+    """Loss and pair metrics over a whole split; the loss is reduced exactly as in training.
+
+    ``module`` is ``layout``'s log-prob module around the policy (or a DDP/FSDP wrapper of one).
+    """
     metrics = StepMetrics(device)
     n = len(dataset)
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    micro = []
-    total_pairs, total_tokens = 0, 0
-    for idx in batches:
-        batch = collate([dataset[i] for i in idx])
-        b = len(idx)
-        total_pairs += b
-        total_tokens += batch_chosen_tokens(batch)
-        micro.append(batch)
-    was_training = model.training
-    model.eval()
+    micro = [
+        layout.collate([dataset[i] for i in range(s, min(s + batch_size, n))])
+        for s in range(0, n, batch_size)
+    ]
+    total_pairs = float(sum(b.num_pairs for b in micro))
+    total_tokens = float(max(sum(b.chosen_tokens for b in micro), 1))
+    was_training = module.training
+    module.eval()
     try:
         for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = batch.to(device)
             with autocast():
-                pol = forward_pairs(model, batch)
+                pol = layout.logps(module, batch)
                 ref_c, ref_r = reference.logps(batch, split) if reference else (None, None)
                 out = loss_fn(
                     pol.chosen_logps,
@@ -121,13 +136,9 @@ def evaluate(
                     chosen_tokens=pol.chosen_tokens,
                     rejected_tokens=pol.rejected_tokens,
                 )
-            w = batch["weights"]
-            loss = (w * out.losses).sum() / total_pairs + (w * out.token_losses).sum() / max(
-                total_tokens, 1
-            )
-            metrics.add(loss, out, pol)
+            metrics.add(micro_loss(out, pol, batch, total_pairs, total_tokens), out, pol)
     finally:
-        model.train(was_training)
+        module.train(was_training)
     metrics.steps = 1
     row = metrics.pop()
     row.pop("grad_norm", None)
@@ -135,52 +146,62 @@ def evaluate(
 
 
 def evaluate_model(
-    model_dir: str,
+    model: str,
     data_file: str,
     *,
-    ref_dir: str | None,
+    ref: str | None,
     beta: float,
     batch_size: int,
     max_length: int,
     loss: str = "sigmoid",
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
-    """``preftune eval``: implicit-reward accuracy and margins of ``model_dir`` against ``ref_dir``.
+    """``preftune eval``: implicit-reward accuracy and margins of ``model`` against ``ref``.
 
-    Without a reference the rewards are β·(average log-prob) of the policy alone (as for SimPO).
+    ``model`` and ``ref`` are model folders, .gguf files or Hub ids. Without a reference the rewards are
+    β·(average log-prob) of the policy alone (as for SimPO).
     """
     from preftune.build import build_loss_fn, build_tokenizer
     from preftune.config import Config
-    from preftune.data import collate_pairs, load_preference_data
-    from preftune.modeling import SequenceLogpsModel, load_model, resolve_device
+    from preftune.data import load_preference_data
+    from preftune.model import choose_layout, load_model, resolve_device, resolve_source
     from preftune.reference import CopyReference
 
     cfg = Config()
-    cfg.model.path = model_dir
+    cfg.model.path = model
+    cfg.model.trust_remote_code = trust_remote_code
     cfg.data.train_files = [data_file]
     cfg.data.max_length = max_length
     cfg.data.max_prompt_length = max_length // 2
-    cfg.loss.name = [loss if ref_dir else "simpo"]
+    cfg.loss.name = [loss if ref else "simpo"]
     cfg.loss.beta = beta
-    if not ref_dir:
+    if not ref:
         cfg.loss.params = {"gamma_beta_ratio": 0.0}
     device = resolve_device("auto")
     tokenizer = build_tokenizer(cfg)
     data = load_preference_data(cfg.data, tokenizer)
-    policy = SequenceLogpsModel(
-        load_model(model_dir, device=device), chunk_size=cfg.train.chunk_size
+    policy_model = load_model(
+        resolve_source(model, setting="--model"), device=device, trust_remote_code=trust_remote_code
     )
-    reference = None
-    if ref_dir:
-        reference = CopyReference(
-            load_model(ref_dir, device=device), chunk_size=cfg.train.chunk_size
+    ref_model = None
+    if ref:
+        ref_model = load_model(
+            resolve_source(ref, setting="--ref"), device=device, trust_remote_code=trust_remote_code
         )
-    pad_id = tokenizer.pad_token_id
-
+    others = [ref_model] if ref_model is not None else []
+    layout = choose_layout(
+        policy_model,
+        *others,
+        pad_token_id=tokenizer.pad_token_id,
+        chunk_size=cfg.train.chunk_size,
+        check_determinism=False,  # eval mode: dropout is inactive whatever its settings
+    )
+    reference = CopyReference(ref_model, layout, copy=False) if ref_model is not None else None
     row = evaluate(
-        policy,
+        layout.module(policy_model),
         reference,
         data.train,
-        lambda ex: collate_pairs(ex, pad_id),
+        layout,
         build_loss_fn(cfg),
         batch_size=batch_size,
         device=device,

@@ -1,4 +1,4 @@
-"""Prompt -> text generation with a local model folder (used by ``preftune generate``).
+"""Prompt -> text generation with a model folder, .gguf file or Hub id (used by ``preftune generate``).
 
 fp32 on CPU, batched, left-padded so that every row's prompt ends at the same position and generation
 continues from real tokens. Temperature 0 means greedy decoding.
@@ -40,26 +40,18 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_for_generation(
-    model_dir: str | Path, *, trust_remote_code: bool = False
-) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder: fp32, CPU, eval mode, tokenizer padding on the left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_generation(source: Any, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a :class:`preftune.model.ModelSource` (or a local folder): fp32, eval mode,
+    KV cache on, tokenizer padding on the left."""
+    from preftune.model import load_model, load_tokenizer, resolve_device, resolve_source
 
-    model_dir = str(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_dir, local_files_only=True, trust_remote_code=trust_remote_code
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype="float32", trust_remote_code=trust_remote_code
-    )
+    if not hasattr(source, "pretrained_kwargs"):
+        source = resolve_source(source, setting="--model")
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    model = load_model(source, device=resolve_device("auto"), trust_remote_code=trust_remote_code)
+    model.config.use_cache = True
     model.eval()
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out; any id works, EOS is the usual stand-in.
-        tokenizer.pad_token = (
-            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        )
     return model, tokenizer
 
 
@@ -100,6 +92,7 @@ def generate(
         chunk = texts[start : start + batch_size]
         # A chat template already contains BOS and the role markers.
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        enc = enc.to(model.device)
         with torch.no_grad():
             ids = model.generate(
                 **enc,

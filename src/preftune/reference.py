@@ -1,7 +1,7 @@
 """Reference strategies: where π_ref's log-probs come from (FORMULAS.md "The reference model").
 
 Each strategy has one job, answering ``logps(batch, split)`` with detached ``(ref_chosen_logps,
-ref_rejected_logps)``:
+ref_rejected_logps)`` for a batch of the run's :class:`~preftune.model.Layout`:
 
 - :class:`CopyReference`: a frozen copy of the starting policy (or another folder), eval mode, no grad.
 - :class:`PrecomputedReference`: log-probs computed once at θ₀ before training, cached on disk under a key
@@ -15,7 +15,7 @@ deliberately not offered.
 from __future__ import annotations
 
 import contextlib
-import copy
+import copy as _copy
 import hashlib
 import os
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data import pair_lengths
-from preftune.modeling import SequenceLogpsModel, forward_pairs, logps_module, unwrap_causal_lm
+from preftune.model import Layout, PairBatch, unwrap_causal_lm
 
 __all__ = [
     "AdapterReference",
@@ -41,37 +41,40 @@ class Reference:
 
     key: str | None = None
 
-    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 
 class CopyReference(Reference):
-    """A frozen copy of the starting policy (never the weights being trained)."""
+    """A frozen copy of the starting policy (never the weights being trained), run in the run's layout."""
 
-    def __init__(self, model: nn.Module, *, chunk_size: int, prefix_sharing: bool = False):
-        frozen = copy.deepcopy(unwrap_causal_lm(model))
+    def __init__(self, model: nn.Module, layout: Layout, *, copy: bool = True):
+        """``copy=False`` freezes ``model`` itself (a model loaded only to be the reference)."""
+        frozen = _copy.deepcopy(unwrap_causal_lm(model)) if copy else unwrap_causal_lm(model)
         frozen.eval()
         frozen.requires_grad_(False)
-        self.module = logps_module(frozen, chunk_size=chunk_size, prefix_sharing=prefix_sharing)
+        self.layout = layout
+        self.module = layout.module(frozen)
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
-        out = forward_pairs(self.module, batch)
+    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
+        out = self.layout.logps(self.module, batch)
         return out.chosen_logps, out.rejected_logps
 
 
 class AdapterReference(Reference):
     """The LoRA policy with adapters disabled: the base weights are frozen, so this is π at θ₀."""
 
-    def __init__(self, policy: SequenceLogpsModel):
+    def __init__(self, policy: nn.Module, layout: Layout):
         if not hasattr(policy.model, "disable_adapter"):
             raise ValueError("the adapter reference needs a PEFT (LoRA) model")
         self.policy = policy
+        self.layout = layout
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
         with self.policy.model.disable_adapter():
-            out = forward_pairs(self.policy, batch)
+            out = self.layout.logps(self.policy, batch)
         return out.chosen_logps, out.rejected_logps
 
 
@@ -82,10 +85,10 @@ class PrecomputedReference(Reference):
         self.tables = tables  # split -> [N, 2] fp32 (chosen, rejected)
         self.key = key
 
-    def logps(self, batch: dict[str, Tensor], split: str = "train") -> tuple[Tensor, Tensor]:
+    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
         table = self.tables[split]
-        rows = table[batch["index"].to(table.device)]  # [B, 2]
-        device = batch["input_ids"].device
+        rows = table[batch.index.to(table.device)]  # [B, 2]
+        device = batch.weights.device
         return rows[:, 0].to(device), rows[:, 1].to(device)
 
     @staticmethod
@@ -125,9 +128,9 @@ def hash_weights(model: nn.Module) -> str:
 
 @torch.no_grad()
 def precompute_logps(
-    module: SequenceLogpsModel,
+    module: nn.Module,
     dataset,
-    collate,
+    layout: Layout,
     *,
     batch_size: int,
     device: torch.device,
@@ -136,7 +139,8 @@ def precompute_logps(
     desc: str = "reference log-probs",
     indices: list[int] | None = None,
 ) -> Tensor:
-    """One no-grad pass over ``dataset`` (or the given ``indices`` of it): table [N, 2] of log-prob sums.
+    """One no-grad pass of ``module`` (``layout``'s log-prob module) over ``dataset`` (or the given
+    ``indices`` of it): table [N, 2] of log-prob sums.
 
     Pairs are visited in length order so that batches carry little padding.
     """
@@ -149,10 +153,9 @@ def precompute_logps(
     order.sort(key=lambda i: lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = collate([dataset[i] for i in idx])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = layout.collate([dataset[i] for i in idx]).to(device)
         with autocast():
-            out = forward_pairs(module, batch)
+            out = layout.logps(module, batch)
         rows = torch.stack([out.chosen_logps, out.rejected_logps], dim=1).float().cpu()
         table[torch.as_tensor(idx)] = rows
     return table

@@ -22,17 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from preftune import build
 from preftune.checkpoint import TrainState, latest_checkpoint
 from preftune.config import Config, config_to_dict
-from preftune.data import batch_indices, collate_pairs, load_preference_data, pair_lengths
+from preftune.data import batch_indices, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
-from preftune.distributed import DistContext, init_distributed, is_placeholder
-from preftune.evaluation import StepMetrics, evaluate
-from preftune.modeling import batch_chosen_tokens, batch_num_pairs, forward_pairs, resolve_device
-from preftune.sharing import collate_shared
+from preftune.distributed import DistContext, init_distributed
+from preftune.evaluation import StepMetrics, evaluate, micro_loss
+from preftune.model import Layout, PairBatch, resolve_device
 from preftune.tracking import MetricsLogger, ProgressBar, write_json
 
 __all__ = ["TrainResult", "TrainingError", "train", "window_backward"]
@@ -84,26 +82,25 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         write_json(run_dir / "data_drops.json", {"rows_read": data.rows_read, "drops": data.drops})
-    pad_id = tokenizer.pad_token_id
 
-    # Policy, then the reference from θ₀, and only then a checkpoint's weights.
+    # Policy, then the layout (proven on the models by the setup probe), then the reference from θ₀, and
+    # only then a checkpoint's weights.
     if dist.parallel == "fsdp" and cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
         raise TrainingError("model.lora.merge_on_save is not supported with train.parallel=fsdp")
-    policy_model, policy = build.build_policy(cfg, dist.load_device)
-    log.info("log-probs: %s", "chunked LM head" if policy.uses_chunked_head else "full logits")
-
-    def collate(examples):  # the layout the policy module reads: shared prompt or padded rows
-        if policy.shared_layout:
-            return collate_shared(examples, pad_id)
-        return collate_pairs(examples, pad_id)
-
+    policy_model = build.build_policy_model(cfg, dist.load_device)
+    ref_model = build.load_reference_model(cfg, dist.load_device)
+    layout = build.build_layout(cfg, tokenizer, policy_model, ref_model)
+    policy = layout.module(policy_model)
     reference = build.build_reference(
-        cfg, policy, data, collate, device=device, autocast=autocast, progress=show, dist=dist
-    )
+        cfg, policy, layout, data, ref_model=ref_model, device=device, autocast=autocast,
+        progress=show, dist=dist,
+    )  # fmt: skip
+    del ref_model
     model = dist.wrap_policy(policy)  # the module the forward goes through: DDP, FSDP2 or `policy`
     loss_fn = build.build_loss_fn(cfg)
     lengths = pair_lengths(data.train)
-    placeholder = dist.placeholder_batch(collate, data.train, lengths)  # for an empty share
+    # A stand-in for an empty share of a batch on this rank: the shortest pair with weight 0.
+    placeholder = layout.placeholder(data.train[min(range(len(lengths)), key=lengths.__getitem__)])
     micro_per_epoch = math.ceil(len(lengths) / (cfg.train.batch_size * dist.world_size))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
@@ -133,7 +130,7 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
 
     def run_eval() -> dict[str, float]:
         return _run_eval(
-            model, reference, data.eval, collate, loss_fn, cfg, device, autocast, state,
+            model, reference, data.eval, layout, loss_fn, cfg, device, autocast, state,
             metrics_log, diagnostics, bar,
         )  # fmt: skip
 
@@ -153,7 +150,7 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
             window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
             examples = [[data.train[i] for i in idx] for idx in window]
-            micro = [collate(ex) if ex else placeholder for ex in examples]
+            micro = [layout.collate(ex) if ex else placeholder for ex in examples]
             # Throughput counts each prompt once, whatever the layout (issue 7's definition).
             tokens_since_log += sum(
                 len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
@@ -165,6 +162,7 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
                 reference,
                 micro,
                 loss_fn,
+                layout=layout,
                 device=device,
                 autocast=autocast,
                 dist=dist,
@@ -238,7 +236,7 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
             "skipped_steps": state.skipped_steps,
             "final_eval": final_eval,
             "diagnostics": diagnostics.report() if diagnostics else [],
-            "log_probs": "chunked LM head" if policy.uses_chunked_head else "full logits",
+            "layout": layout.facts(),
             "drops": data.drops,
         }
         write_json(run_dir / "report.json", report)
@@ -254,9 +252,10 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
 def window_backward(
     model,
     reference,
-    micro: list[dict[str, Tensor]],
+    micro: list[PairBatch],
     loss_fn,
     *,
+    layout: Layout,
     device,
     autocast,
     dist: DistContext,
@@ -265,21 +264,22 @@ def window_backward(
     """Forward and backward over one window of micro-batches; gradients equal one big batch's.
 
     Each micro-batch loss is ``Σ w·pair_losses / N_pairs + Σ w·token_losses / N_tokens`` with the window's
-    totals over all ranks (FORMULAS.md), known before the first backward. Returns the window's pair count.
+    totals over all ranks (FORMULAS.md), known before the first backward, plus the model's router term
+    (MoE, when asked) weighted by the micro-batch's share of the pairs. Returns the window's pair count.
     A placeholder micro-batch (weight 0, an empty share on this rank) takes part in the forward/backward
     (DDP/FSDP hooks are collectives) but adds nothing to the totals, the gradient or the metrics.
     """
     totals = dist.all_reduce_sum(
         torch.tensor(
-            [sum(_num_pairs(b) for b in micro), sum(_chosen_tokens(b) for b in micro)],
+            [sum(b.num_pairs for b in micro), sum(b.chosen_tokens for b in micro)],
             dtype=torch.float64,
         )
     )
     n_pairs, n_tokens = float(totals[0]), max(float(totals[1]), 1.0)
     for i, batch in enumerate(micro):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = batch.to(device, non_blocking=True)
         with dist.grad_sync(model, sync=i == len(micro) - 1), autocast():
-            pol = forward_pairs(model, batch)
+            pol = layout.logps(model, batch)
             ref_c, ref_r = reference.logps(batch) if reference else (None, None)
             out = loss_fn(
                 pol.chosen_logps,
@@ -289,22 +289,12 @@ def window_backward(
                 chosen_tokens=pol.chosen_tokens,
                 rejected_tokens=pol.rejected_tokens,
             )
-            w = batch["weights"]
-            loss = (w * out.losses).sum() / n_pairs + (w * out.token_losses).sum() / n_tokens
+            loss = micro_loss(out, pol, batch, n_pairs, n_tokens)
             # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
             (loss * dist.world_size).backward()
-        if metrics is not None and not is_placeholder(batch):
+        if metrics is not None and not batch.placeholder:
             metrics.add(loss.detach(), out, pol)
     return int(n_pairs)
-
-
-def _num_pairs(batch: dict[str, Tensor]) -> int:
-    """Real pairs of a micro-batch (a placeholder for an empty share has none)."""
-    return 0 if is_placeholder(batch) else batch_num_pairs(batch)
-
-
-def _chosen_tokens(batch: dict[str, Tensor]) -> int:
-    return 0 if is_placeholder(batch) else batch_chosen_tokens(batch)
 
 
 def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
@@ -371,7 +361,7 @@ def _run_eval(
     model,
     reference,
     dataset,
-    collate,
+    layout,
     loss_fn,
     cfg,
     device,
@@ -385,7 +375,7 @@ def _run_eval(
         model,
         reference,
         dataset,
-        collate,
+        layout,
         loss_fn,
         batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
         device=device,

@@ -13,6 +13,7 @@ traceback); 1 a failure during training (message and the last checkpoint); 130 i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -77,6 +78,9 @@ def _error_kind(exc: BaseException) -> str | None:
     data = sys.modules.get("preftune.data")
     if data is not None and isinstance(exc, getattr(data, "DataError", ())):
         return "usage"
+    model = sys.modules.get("preftune.model")
+    if model is not None and isinstance(exc, getattr(model, "ModelError", ())):
+        return "usage"
     trainer = sys.modules.get("preftune.trainer")
     if trainer is not None and isinstance(exc, getattr(trainer, "TrainingError", ())):
         return "training"
@@ -90,10 +94,24 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _setup_logging() -> None:
+    """preftune's own INFO lines (the layout a run uses, caches hit, resumes) as ``preftune: ...`` on
+    stderr; on rank 0 only under torchrun. Library users keep their own logging configuration."""
+    logger = logging.getLogger("preftune")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("PREFTUNE_DEBUG", "") not in ("", "0")
+    _setup_logging()
     try:
         try:
             args = _parse(argv)

@@ -78,13 +78,11 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-def model_dir(path: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise UsageError(f"model folder not found: {p}")
-    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        raise UsageError(f"not a Hugging Face model folder (no config.json): {p}")
-    return p
+def model_source(path: str, setting: str):
+    """A model folder, .gguf file or Hub id as a :class:`preftune.model.ModelSource` (exit 2 if none)."""
+    from preftune.model import resolve_source
+
+    return resolve_source(path, setting=setting)
 
 
 def quiet_transformers() -> None:

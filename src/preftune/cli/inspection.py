@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 from preftune.cli._common import (
     UsageError,
     add_command,
     existing_path,
-    model_dir,
+    model_source,
     quiet_transformers,
-    usage_errors,
 )
 
 __all__ = ["add_commands", "cmd_data", "cmd_eval"]
@@ -31,20 +29,22 @@ def cmd_data(args: argparse.Namespace) -> int:
         cfg.data.train_files = [str(target)]
         cfg = apply_overrides(cfg, args.overrides)
         validate(cfg)
-    tok_dir = args.tokenizer or cfg.model.tokenizer_path or cfg.model.path
-    if not tok_dir:
+    if args.tokenizer:
+        cfg.model.tokenizer_path = args.tokenizer
+    if not (cfg.model.tokenizer_path or cfg.model.path):
         raise UsageError("no tokenizer: pass --tokenizer DIR (or model.path=DIR)")
+    from preftune.build import build_tokenizer
     from preftune.describe import describe_dataset, format_description
 
-    tokenizer = _load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = build_tokenizer(cfg)
     d = describe_dataset(cfg, tokenizer, examples=args.examples)
     print(format_description(d))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model = model_dir(args.model)
-    ref = model_dir(args.ref) if args.ref else None
+    model = model_source(args.model, "--model")
+    ref = model_source(args.ref, "--ref") if args.ref else None
     data_file = existing_path(args.data, "data file")
     if args.beta <= 0:
         raise UsageError(f"--beta must be > 0, got {args.beta}")
@@ -52,9 +52,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     quiet_transformers()
     metrics = evaluate_model(
-        str(model),
+        args.model,
         str(data_file),
-        ref_dir=str(ref) if ref else None,
+        ref=args.ref,
         beta=args.beta,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -67,18 +67,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"data:  {data_file}  (beta={args.beta})")
     print(_table(metrics))
     return 0
-
-
-def _load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
-    p = Path(path)
-    if not p.is_dir():
-        raise UsageError(f"tokenizer folder not found: {p}")
-    from transformers import AutoTokenizer
-
-    with usage_errors(OSError, ValueError, context=f"cannot load a tokenizer from {p}"):
-        return AutoTokenizer.from_pretrained(
-            str(p), local_files_only=True, trust_remote_code=trust_remote_code
-        )
 
 
 def _jsonable(v: Any) -> Any:
@@ -119,7 +107,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="CONFIG.yaml|DATAFILE", help="a run config or a data file")
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument(
-        "--tokenizer", metavar="DIR", help="tokenizer folder (default: the config's model)"
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer folder, .gguf file or Hub id (default: the config's model)",
     )
     p.add_argument(
         "--examples", type=int, default=3, metavar="N", help="examples to render (default: 3)"
@@ -138,8 +128,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             preftune eval --model runs/dpo/final --data test.jsonl --json
             """,
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="model folder to evaluate")
-    p.add_argument("--ref", metavar="DIR", help="reference model folder (default: none)")
+    p.add_argument(
+        "--model", required=True, metavar="MODEL", help="model folder, .gguf file or Hub id"
+    )
+    p.add_argument("--ref", metavar="MODEL", help="reference model (default: none)")
     p.add_argument("--data", required=True, metavar="FILE", help="preference data file")
     p.add_argument("--beta", type=float, default=0.1, help="reward scale beta (default: 0.1)")
     p.add_argument(

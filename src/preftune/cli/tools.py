@@ -11,7 +11,7 @@ from preftune.cli._common import (
     add_command,
     existing_file,
     existing_path,
-    model_dir,
+    model_source,
     quiet_transformers,
     usage_errors,
 )
@@ -20,7 +20,7 @@ __all__ = ["add_commands", "cmd_generate", "cmd_plot"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model_path = model_dir(args.model)
+    source = model_source(args.model, "--model")
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
@@ -37,10 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from preftune.generation import generate, load_for_generation
 
     quiet_transformers()
-    with usage_errors(OSError, ValueError, context=f"cannot load a model from {model_path}"):
-        model, tokenizer = load_for_generation(model_path)
+    model, tokenizer = load_for_generation(source)
     if args.chat and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"the tokenizer in {model_path} has no chat template; drop --chat")
+        raise UsageError(f"the tokenizer of {source} has no chat template; drop --chat")
     completions = generate(
         model,
         tokenizer,
@@ -86,7 +85,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             preftune generate --model runs/dpo/final --prompts prompts.jsonl --json   # JSONL {prompt, completion}
             """,
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="model folder")
+    p.add_argument(
+        "--model", required=True, metavar="MODEL", help="model folder, .gguf file or Hub id"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="one prompt")
     src.add_argument(

@@ -2,10 +2,9 @@
 
 Modules: ``sources`` (files and formats), ``shapes`` (standard / conversational / implicit records),
 ``tokenize`` (exact boundary, truncation, drops), ``cache`` (on-disk tokenized splits), ``load`` (the pipeline),
-``collate`` (padded and padding-free batches), ``sampling`` (batch order, length grouping, ranks).
+``sampling`` (batch order, length grouping, ranks).
 """
 
-from .collate import collate_pairs, collate_pairs_padding_free
 from .errors import DataError, Location
 from .load import PreferenceData, load_preference_data
 from .sampling import batch_indices, padding_share, pair_lengths, row_lengths
@@ -17,8 +16,6 @@ __all__ = [
     "Location",
     "PreferenceData",
     "batch_indices",
-    "collate_pairs",
-    "collate_pairs_padding_free",
     "load_preference_data",
     "padding_share",
     "pair_lengths",

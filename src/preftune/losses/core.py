@@ -31,18 +31,25 @@ class LossOutput:
     chosen_tokens: Tensor  # [B] response token counts of the chosen responses
 
     def reduce(
-        self, num_pairs: int | Tensor | None = None, num_tokens: int | Tensor | None = None
+        self,
+        num_pairs: int | float | Tensor | None = None,
+        num_tokens: int | float | Tensor | None = None,
+        weights: Tensor | None = None,
     ) -> Tensor:
-        """``losses.sum() / num_pairs + token_losses.sum() / num_tokens`` (a scalar).
+        """``Σ w·losses / num_pairs + Σ w·token_losses / num_tokens`` (a scalar); ``w`` = per-pair weights.
 
-        Defaults are this batch's pair count and its total chosen tokens (each at least 1). For exact
-        gradient accumulation pass the totals over the whole accumulation window (and all ranks).
+        Defaults are this batch's pair count and its total chosen tokens (each at least 1) and weights 1.
+        For exact gradient accumulation pass the totals over the whole accumulation window (and all ranks):
+        this is the one place the trainer's and the evaluator's loss is reduced.
         """
         if num_pairs is None:
             num_pairs = max(self.losses.shape[0], 1)
         if num_tokens is None:
             num_tokens = self.chosen_tokens.sum().clamp(min=1)
-        return self.losses.sum() / num_pairs + self.token_losses.sum() / num_tokens
+        losses, token_losses = self.losses, self.token_losses
+        if weights is not None:
+            losses, token_losses = weights * losses, weights * token_losses
+        return losses.sum() / num_pairs + token_losses.sum() / num_tokens
 
 
 @dataclass(frozen=True)
