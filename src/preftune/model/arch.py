@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "accepts_kwarg",
     "decoder_layer_classes",
     "find_decoder",
+    "lora_exclusions",
     "router_aux",
     "sharing_refusal",
     "split_lm_head",
@@ -56,10 +58,12 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 def find_decoder(model: nn.Module) -> nn.Module | None:
     """The module that maps ``input_ids`` to ``last_hidden_state`` (None when there is none to find)."""
     lm = unwrap_causal_lm(model)
-    prefix = getattr(lm, "base_model_prefix", "") or ""
-    decoder = getattr(lm, prefix, None) if prefix else None
-    if isinstance(decoder, nn.Module) and decoder is not lm:
-        return decoder
+    # base_model_prefix names the decoder attribute for most families; Llama 4's text model declares
+    # "language_model" but keeps its decoder under "model", the name most families use.
+    for name in (getattr(lm, "base_model_prefix", "") or "", "model"):
+        decoder = getattr(lm, name, None) if name else None
+        if isinstance(decoder, nn.Module) and decoder is not lm:
+            return decoder
     get_decoder = getattr(lm, "get_decoder", None)
     if callable(get_decoder):
         try:
@@ -100,6 +104,27 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
         if type(module).__name__ in names:
             found.setdefault(type(module).__name__, type(module))
     return tuple(found.values())
+
+
+def lora_exclusions(model: nn.Module) -> list[str]:
+    """Linear layers peft's ``all-linear`` must skip: subclasses of ``nn.Linear`` whose forward does not
+    return one tensor (Llama 4's router returns a tuple, which a LoRA layer cannot add to). Found by
+    calling each subclass once on a zero row; plain ``nn.Linear`` layers (and Falcon's tensor-returning
+    subclass) stay targets."""
+    lm = unwrap_causal_lm(model)
+    skip = []
+    with torch.no_grad():
+        for name, module in lm.named_modules():
+            if not isinstance(module, nn.Linear) or type(module) is nn.Linear:
+                continue
+            w = module.weight
+            try:
+                out = module(torch.zeros(1, module.in_features, dtype=w.dtype, device=w.device))
+            except (RuntimeError, TypeError, ValueError):
+                out = None
+            if not isinstance(out, Tensor):
+                skip.append(name)
+    return skip
 
 
 def accepts_kwarg(module: nn.Module, name: str) -> bool:
@@ -172,4 +197,7 @@ def sharing_refusal(model: nn.Module) -> str | None:
         return "no decoder module found (base_model_prefix / get_decoder)"
     if not callable(getattr(lm, "set_attn_implementation", None)):
         return "it has no set_attn_implementation()"
+    can_set = getattr(lm, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():  # asking would only log transformers' warning
+        return "it does not route attention through transformers' AttentionInterface"
     return None

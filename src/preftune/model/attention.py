@@ -364,7 +364,9 @@ def prepare_shared(model: nn.Module) -> str:
     if current != name:
         lm.set_attn_implementation(name)
         if lm.config._attn_implementation != name:
-            raise ValueError(f"{type(lm).__name__} did not switch to {name}")
+            raise ValueError(
+                f"{type(lm).__name__} does not route attention through transformers' AttentionInterface"
+            )
     return base
 
 

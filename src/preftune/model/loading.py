@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from preftune.model.arch import unwrap_causal_lm
@@ -45,7 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_STOCHASTIC = re.compile(r"dropout|pdrop|drop_path|jitter|noise", re.IGNORECASE)
+_STOCHASTIC = re.compile(
+    r"drop|jitter|noise", re.IGNORECASE
+)  # dropout, pdrop, layerdrop, drop_path
 # Files that make a folder a model (or an adapter) / a tokenizer folder; the first is named in errors.
 _MARKERS = {
     "model": ("config.json", "adapter_config.json"),
@@ -134,8 +137,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 # What a broken folder raises inside transformers/safetensors/gguf: wrong or missing files, unknown
-# model types, shape mismatches, truncated tensors.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError)
+# model types, shape mismatches, truncated tensors (safetensors' own error is a plain Exception subclass).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError)
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
@@ -220,16 +223,26 @@ def load_model(
             config.output_router_logits = output_router_logits
     attn = _attn_implementation(config, attn_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source.name_or_path,
             config=config,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
             **({"attn_implementation": attn} if attn else {}),
             **kwargs,
         )
     except _LOAD_ERRORS as e:
         raise ModelError(f"cannot load a causal LM from {source}: {_one_line(e)}") from e
+    # transformers initialises weights the files lack at random and only warns: a partly random model
+    # (a truncated shard set, a config of another size) would train without complaint.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(
+            f"model {source}: its weight files lack {len(missing)} tensor(s) the config needs "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); expected the complete "
+            "weights of this config (a missing shard, or config.json of another model?)"
+        )
     quantizer = getattr(model, "hf_quantizer", None)
     if source.gguf_file and quantizer is not None:
         # GGUF weights arrive dequantised to plain fp32, but transformers keeps a "gguf quantizer" attached
