@@ -85,7 +85,9 @@ def test_log_probs_of_real_chat_pairs_equal_a_plain_forward(chat_file, tmp_path)
     from preftune.data import load_preference_data
     from preftune.logprobs import sequence_logps
 
-    source = resolve_source(GGUF)
+    source = resolve_source(
+        GGUF.parent, gguf_file=GGUF.name
+    )  # model.gguf_file (train uses the path)
     tokenizer = load_tokenizer(source)
     assert "<|im_start|>" in tokenizer.chat_template
     model = load_model(source, device=torch.device("cpu"))
