@@ -303,7 +303,7 @@ def _table(root: Path) -> str:
         model = build_policy_model(cfg, CPU)
         leaves = sorted(
             {
-                n.split(".lora_A")[0].rsplit(".", 1)[-1]
+                n.split(".lora_A")[0].replace(".base_layer", "").rsplit(".", 1)[-1]
                 for n, _ in model.named_parameters()
                 if ".lora_A" in n
             }
