@@ -104,6 +104,39 @@ def test_ipo_by_hand():
     assert out.chosen_rewards.item() == approx(0.75) and out.rejected_rewards.item() == approx(0.5)
 
 
+def test_sigmoid_norm_by_hand():
+    """β = 1. r_w = 2 ln 3 over n_w = 2 tokens → ln 3 per token; r_l = 3 ln 2 over n_l = 3 → ln 2 per token.
+    Margin ln 3 − ln 2 = ln 1.5, σ(ln 1.5) = 1.5/2.5 = 0.6, loss −log 0.6 = log(5/3) ≈ 0.5108.
+    (Summed DPO would see h = 2 ln 3 − 3 ln 2 = ln(9/8).) Rewards are per token: β·r/n = ln 3 and ln 2."""
+    out = run(
+        "sigmoid_norm", pc=-1.0, rc=-1.0 - 2 * LN3, pr=-2.0, rr=-2.0 - 3 * LN2, nc=2, nr=3, beta=1.0
+    )
+    assert out.losses.item() == approx(math.log(5 / 3))
+    assert out.chosen_rewards.item() == approx(LN3) and out.rejected_rewards.item() == approx(LN2)
+    dpo = run(
+        "sigmoid", pc=-1.0, rc=-1.0 - 2 * LN3, pr=-2.0, rr=-2.0 - 3 * LN2, nc=2, nr=3, beta=1.0
+    )
+    assert dpo.losses.item() == approx(-math.log(1 / (1 + 8 / 9)))  # −log σ(ln(9/8)): not the same
+
+
+def test_sigmoid_norm_is_sigmoid_on_single_tokens_and_length_invariant():
+    """n = 1 everywhere: averaged = summed ratios, so sigmoid_norm == sigmoid. Scaling each response's
+    log-probs (policy and reference) and its length by k keeps r/n, hence the loss."""
+    pc, pr, rc, rr, _, _ = random_inputs(5)
+    ones = torch.ones_like(pc, dtype=torch.int64)
+    a = compute_loss(
+        "sigmoid_norm", pc, pr, rc, rr, chosen_tokens=ones, rejected_tokens=ones, beta=0.3
+    )
+    b = compute_loss("sigmoid", pc, pr, rc, rr, chosen_tokens=ones, rejected_tokens=ones, beta=0.3)
+    torch.testing.assert_close(a.losses, b.losses, rtol=1e-12, atol=1e-12)
+    _, _, _, _, nc, nr = random_inputs(6)
+    base = compute_loss("sigmoid_norm", pc, pr, rc, rr, chosen_tokens=nc, rejected_tokens=nr)
+    scaled = compute_loss(
+        "sigmoid_norm", 7 * pc, 7 * pr, 7 * rc, 7 * rr, chosen_tokens=7 * nc, rejected_tokens=7 * nr
+    )
+    torch.testing.assert_close(scaled.losses, base.losses, rtol=1e-12, atol=1e-12)
+
+
 def test_simpo_by_hand():
     """β = 2, γ/β = 0.5 → γ = 1. logp_w = −4 over 4 tokens → ā_w = −1; logp_l = −9 over 3 → ā_l = −3.
     z = 2·(−1 − (−3)) − 1 = 3; loss = −log σ(3) = log(1 + e^−3) ≈ 0.04859. Rewards β·ā = −2, −6."""
@@ -269,6 +302,24 @@ def brute(name, pc, pr, rc, rr, nc, nr, hp):
         z, tau = beta * h, hp["discopop_tau"]
         m = _sig(z / tau)
         return (1 - m) * -torch.log(_sig(z)) + m * torch.exp(-z), zero
+    if name == "sigmoid_norm":
+        return -torch.log(_sig(beta * (rw / nc - rl / nr))), zero
+    if name == "f_dpo":
+        div, a = hp["f_divergence"], hp["f_alpha"]
+        psi = {
+            "reverse_kl": lambda r: r,
+            "forward_kl": lambda r: -1 / torch.exp(r),
+            "js": lambda r: torch.log(2 * torch.exp(r) / (1 + torch.exp(r))),
+            "alpha": lambda r: (1 - torch.exp(r) ** -a) / a,
+        }[div]
+        return -torch.log(_sig(beta * (psi(rw) - psi(rl)))), zero
+    if name in ("aot", "aot_unpaired"):
+        e = hp["label_smoothing"]
+        if name == "aot":
+            delta = torch.sort(pc - pr).values - torch.sort(rc - rr).values
+        else:
+            delta = torch.sort(rw).values - torch.sort(rl).values
+        return -(1 - e) * torch.log(_sig(beta * delta)) - e * torch.log(_sig(-beta * delta)), zero
     raise AssertionError(f"no brute force for {name}")
 
 
@@ -300,7 +351,10 @@ def _values_and_grads(losses, token_losses, inputs, seed):
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_matches_float64_bruteforce_values_and_grads(name, dtype):
     spec = LOSSES[name]
-    for seed, hp in [(0, dict(spec.defaults)), (1, {k: v * 1.7 for k, v in spec.defaults.items()})]:
+    scaled = {k: v if isinstance(v, str) else v * 1.7 for k, v in spec.defaults.items()}
+    for seed, hp in [(0, dict(spec.defaults)), (1, scaled)]:
+        if name in ("aot", "aot_unpaired") and seed == 1:
+            hp["label_smoothing"] = 0.2  # default 0 scales to 0
         if name == "hinge":
             hp["beta"] = 0.03  # keep most pairs on the non-flat side of the hinge
         pc, pr, rc, rr, nc, nr = random_inputs(seed)
@@ -418,6 +472,18 @@ def test_registry_matches_formulas():
     assert LOSSES["cdpo"].defaults["label_smoothing"] == 0.1
     assert LOSSES["exo_pair"].defaults["exo_epsilon"] == 1e-3
     assert LOSSES["discopop"].defaults["discopop_tau"] == 0.05
+    assert LOSSES["sigmoid_norm"].defaults == {"beta": 5.0}
+    assert LOSSES["sigmoid_norm"].uses == "averages"
+    assert LOSSES["f_dpo"].defaults["f_divergence"] == "reverse_kl"
+    assert LOSSES["f_dpo"].choices["f_divergence"] == ("reverse_kl", "forward_kl", "js", "alpha")
+    assert (
+        LOSSES["aot"].defaults
+        == LOSSES["aot_unpaired"].defaults
+        == {
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+        }
+    )
 
 
 def test_rewards_are_detached_and_output_shapes():

@@ -2,9 +2,14 @@
 
 Layout: :mod:`~preftune.losses.core` (``LossOutput``, ``LossSpec``, shared numeric helpers),
 :mod:`~preftune.losses.dpo_family` (losses on log-ratios to a reference),
+:mod:`~preftune.losses.fdiv` (``f_dpo``), :mod:`~preftune.losses.transport` (``aot``, ``aot_unpaired``:
+sorted-batch losses that couple the pairs of a micro-batch),
 :mod:`~preftune.losses.reference_free` (``simpo``, ``orpo``, ``sft``), :mod:`~preftune.losses.registry`
-(``LOSSES``, ``compute_loss``). Import everything from ``preftune.losses``. Adding a loss: write it in the
-module of its kind, register it in ``LOSSES``, export it here, test it in ``tests/test_losses.py``.
+(``LOSSES``, ``compute_loss``), :mod:`~preftune.losses.unpaired` (KTO on unpaired rows: ``kto``,
+``UNPAIRED_LOSSES``, ``mismatched_indices``, ``kl_stats``) and :mod:`~preftune.losses.options` (per-loss
+options: ``wpo_weights``, LD-DPO's ``ld_split``/``ld_logps``). Import everything from ``preftune.losses``.
+Adding a loss: write it in the module of its kind, register it in ``LOSSES``, export it here, test it in
+``tests/test_losses.py`` (or a ``tests/test_losses_<module>.py`` mirroring its module).
 
 Inputs
 ------
@@ -16,9 +21,10 @@ Every loss takes the same per-pair tensors, all ``[B]``:
   reference-free losses ``simpo``, ``orpo`` and for ``sft``);
 - ``chosen_tokens``, ``rejected_tokens`` (keyword-only): response token counts ``n`` (int64).
 
-Each loss applies the length normalisation its paper asks for itself (``ipo``: per-token averaged log-ratios;
-``simpo``/``orpo``: ``ā = logp / max(n, 1)``). All maths runs in fp32 (float64 inputs stay float64), using
-``logsigmoid``/``softplus`` forms that stay finite for log-probs from -1e4 to -1e-9 and margins of ±1e3.
+Each loss applies the length normalisation its paper asks for itself (``ipo``, ``sigmoid_norm``: per-token
+averaged log-ratios; ``simpo``/``orpo``: ``ā = logp / max(n, 1)``). All maths runs in fp32 (float64 inputs
+stay float64), using ``logsigmoid``/``softplus`` forms that stay finite for log-probs from -1e4 to -1e-9
+and margins of ±1e3.
 
 Output and reduction
 --------------------
@@ -26,8 +32,11 @@ A loss returns a :class:`LossOutput`: per-pair ``losses`` (reduced as a mean ove
 ``token_losses`` (a SUM over the chosen tokens of a token-level term, e.g. the NLL of ``sft``/``orpo``, reduced
 by the total number of chosen tokens) and detached rewards. ``out.reduce()`` gives the batch loss; a trainer
 that accumulates gradients passes window totals: ``out.reduce(num_pairs=N_pairs, num_tokens=N_tokens)``.
+``aot``/``aot_unpaired`` sort within the call (one micro-batch): their ``losses[i]`` are quantile terms, and
+accumulation sums per-micro-batch sorts (:mod:`~preftune.losses.transport`).
 
-Rewards (detached, for logging): ``β·(logp_θ − logp_ref)`` for the losses with a reference, ``β·ā`` for
+Rewards (detached, for logging): ``β·(logp_θ − logp_ref)`` for the losses with a reference, except
+``sigmoid_norm`` (``β·r/n``) and ``f_dpo`` (``β·(f'(u) − f'(1))``, ``u = π_θ/π_ref``); ``β·ā`` for
 ``simpo``/``orpo``; ``sft`` alone reports ``β·(logp_θ − logp_ref)`` when reference log-probs are given, else the
 average log-prob ``ā`` (unscaled).
 
@@ -36,9 +45,14 @@ Hyperparameters (keyword arguments; defaults from FORMULAS.md "Defaults")
 =====================  ======================================================  =====================
 name                   meaning                                                 default
 =====================  ======================================================  =====================
-``beta``               β, the inverse temperature / KL strength (IPO's τ)      0.1; ``simpo`` 2.0
-``label_smoothing``    ε, the assumed preference-flip rate (``cdpo``,          0.1
-                       ``robust``); ε = 0 gives ``sigmoid``
+``beta``               β, the inverse temperature / KL strength (IPO's τ)      0.1; ``simpo`` 2.0;
+                                                                               ``sigmoid_norm`` 5.0
+``label_smoothing``    ε, the assumed preference-flip rate (``cdpo``,          0.1; ``aot*`` 0
+                       ``robust``, ``aot``, ``aot_unpaired``); ε = 0 gives
+                       ``sigmoid`` (``aot*``: the paper's logistic loss)
+``f_divergence``       ``f_dpo``'s divergence (a string): ``reverse_kl``       ``reverse_kl``
+                       (DPO), ``forward_kl``, ``js``, ``alpha``
+``f_alpha``            α ∈ (0, 1) of ``f_divergence="alpha"``                  0.5
 ``gamma_beta_ratio``   γ/β, SimPO's target margin as a fraction of β           0.5
 ``orpo_lambda``        λ, weight of ORPO's odds-ratio term (NLL has weight 1)  0.1
 ``exo_epsilon``        ε of EXO's target distribution, 0 < ε < 1               1e-3
@@ -67,15 +81,32 @@ from preftune.losses.dpo_family import (
     nca_pair,
     robust,
     sigmoid,
+    sigmoid_norm,
     sppo_hard,
 )
+from preftune.losses.fdiv import F_DIVERGENCES, f_dpo
+from preftune.losses.options import ld_logps, ld_split, public_tokens, wpo_weights
 from preftune.losses.reference_free import orpo, sft, simpo
 from preftune.losses.registry import LOSSES, compute_loss
+from preftune.losses.transport import aot, aot_unpaired
+from preftune.losses.unpaired import (
+    UNPAIRED_LOSSES,
+    KTOOutput,
+    kl_stats,
+    kto,
+    kto_weight_ratio,
+    mismatched_indices,
+)
 
 __all__ = [
+    "F_DIVERGENCES",
     "LOSSES",
+    "UNPAIRED_LOSSES",
+    "KTOOutput",
     "LossOutput",
     "LossSpec",
+    "aot",
+    "aot_unpaired",
     "apo_down",
     "apo_zero",
     "bco_pair",
@@ -83,13 +114,23 @@ __all__ = [
     "compute_loss",
     "discopop",
     "exo_pair",
+    "f_dpo",
     "hinge",
     "ipo",
+    "kl_stats",
+    "kto",
+    "kto_weight_ratio",
+    "ld_logps",
+    "ld_split",
+    "mismatched_indices",
     "nca_pair",
     "orpo",
+    "public_tokens",
     "robust",
     "sft",
     "sigmoid",
+    "sigmoid_norm",
     "simpo",
     "sppo_hard",
+    "wpo_weights",
 ]

@@ -60,12 +60,15 @@ class LossSpec:
     needs_reference: (
         bool  # needs ref_chosen_logps / ref_rejected_logps (a reference model or a cache)
     )
-    defaults: Mapping[str, float]  # the hyperparameters it accepts, with their defaults
+    defaults: Mapping[str, float | str]  # the hyperparameters it accepts, with their defaults
     uses: str  # "sums" or "averages" (length-normalised log-probs, computed inside the loss)
     description: str
     defines_rewards: bool = field(
         default=True
     )  # False for sft: a combination takes rewards elsewhere
+    choices: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # string-valued hyperparameters and their allowed values (f_dpo's f_divergence)
 
 
 def _upcast(x: Tensor) -> Tensor:

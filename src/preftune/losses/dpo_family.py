@@ -24,6 +24,7 @@ __all__ = [
     "nca_pair",
     "robust",
     "sigmoid",
+    "sigmoid_norm",
     "sppo_hard",
 ]
 
@@ -171,6 +172,41 @@ def ipo(
     avg_l = _average(r_l, rejected_tokens)
     losses = (avg_w - avg_l - 1.0 / (2.0 * beta)) ** 2
     return _output(losses, beta * r_w, beta * r_l, chosen_tokens)
+
+
+def sigmoid_norm(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    beta: float = 5.0,
+) -> LossOutput:
+    """Length-normalised DPO: ``−log σ(β (r_w / n_w − r_l / n_l))`` on per-token averaged log-ratios.
+
+    Lambert et al. 2024, "Tülu 3" (arXiv 2411.15124), length-normalised DPO objective of the preference-
+    tuning section; the "DPO w/ LN" ablation of Meng et al. 2024, SimPO (arXiv 2405.14734). ``n`` is
+    clamped at 1 (an empty response counts as one token). Rewards are the normalised ``β·r/n``, so the
+    logged margin is the argument of σ (as open-instruct's ``dpo_norm``). TRL has no such loss type.
+
+    Args:
+        beta: β on per-token log-ratios; per-token margins are ~n times smaller than summed ones, so
+            β is much larger than DPO's. Default 5.0 (Tülu 3's setting).
+    """
+    beta = _positive("beta", beta, "sigmoid_norm")
+    r_w, r_l = _log_ratios(
+        "sigmoid_norm",
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    avg_w = _average(r_w, chosen_tokens)  # r_w / max(n_w, 1)
+    avg_l = _average(r_l, rejected_tokens)
+    losses = -F.logsigmoid(beta * (avg_w - avg_l))
+    return _output(losses, beta * avg_w, beta * avg_l, chosen_tokens)
 
 
 def bco_pair(

@@ -24,9 +24,12 @@ from preftune.losses.dpo_family import (
     nca_pair,
     robust,
     sigmoid,
+    sigmoid_norm,
     sppo_hard,
 )
+from preftune.losses.fdiv import F_DIVERGENCES, f_dpo
 from preftune.losses.reference_free import orpo, sft, simpo
+from preftune.losses.transport import aot, aot_unpaired
 
 __all__ = ["LOSSES", "compute_loss"]
 
@@ -86,6 +89,35 @@ LOSSES: dict[str, LossSpec] = {
         "sums",
         "DiscoPOP: log-ratio modulated logistic/exponential loss",
     ),
+    "sigmoid_norm": LossSpec(
+        sigmoid_norm,
+        True,
+        {"beta": 5.0},
+        "averages",
+        "length-normalised DPO (Tülu 3): -log σ(β(r_w/n_w - r_l/n_l))",
+    ),
+    "f_dpo": LossSpec(
+        f_dpo,
+        True,
+        {"beta": 0.1, "f_divergence": "reverse_kl", "f_alpha": 0.5},
+        "sums",
+        "f-DPO: DPO under reverse KL, forward KL, JS or α-divergence",
+        choices={"f_divergence": F_DIVERGENCES},
+    ),
+    "aot": LossSpec(
+        aot,
+        True,
+        {"beta": 0.1, "label_smoothing": 0.0},
+        "sums",
+        "AOT, paired: sorted policy vs reference log-likelihood ratios (couples the micro-batch)",
+    ),
+    "aot_unpaired": LossSpec(
+        aot_unpaired,
+        True,
+        {"beta": 0.1, "label_smoothing": 0.0},
+        "sums",
+        "AOT, unpaired: sorted chosen vs rejected log-ratios (couples the micro-batch)",
+    ),
     "sft": _SFT_SPEC,
     "nll": _SFT_SPEC,  # FORMULAS.md's other name for sft
 }
@@ -125,13 +157,15 @@ def compute_loss(
             response-token log-probs (reference ones may be ``None`` for reference-free losses).
         chosen_tokens, rejected_tokens: ``[B]`` response token counts.
         weights: one weight per name (default all 1.0); ``losses`` and ``token_losses`` are weighted sums.
-        **hparams: hyperparameters (module docstring), each routed to every term that accepts it.
+        **hparams: hyperparameters (module docstring), each routed to every term that accepts it; a
+            string-valued one (``f_divergence``) must be one of its ``LossSpec.choices``.
 
     Returns:
         :class:`LossOutput`; rewards come from the first term that defines them (not ``sft``).
 
     Raises:
-        ValueError: unknown loss or hyperparameter (with a suggestion), a reference-needing loss without
+        ValueError: unknown loss or hyperparameter (with a suggestion), a string hyperparameter outside
+            its choices (naming them), a reference-needing loss without
             reference log-probs, wrong number of weights, out-of-range hyperparameters, shape mismatches.
     """
     names = [name] if isinstance(name, str) else list(name)
@@ -168,6 +202,13 @@ def compute_loss(
             raise ValueError(
                 f"unknown hyperparameter {key!r} for loss {' + '.join(names)}{hint}"
                 f"{_suggest(key, accepted)} Accepted: {', '.join(sorted(accepted))}"
+            )
+    for key, value in hparams.items():
+        options = next((s.choices[key] for s in specs if key in s.choices), None)
+        if options is not None and (not isinstance(value, str) or value not in options):
+            raise ValueError(
+                f"hyperparameter {key} of loss {' + '.join(names)} must be one of "
+                f"{', '.join(options)}, got {value!r}{_suggest(str(value), options)}"
             )
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
