@@ -1,6 +1,7 @@
 """preftune.data.load_preference_data end to end: formats, shapes, weights, errors, drops, eval splits."""
 
 import csv
+import gzip
 import json
 
 import datasets
@@ -155,6 +156,7 @@ def test_drops_counted_per_reason_and_on_drop_error(tmp_path):
     assert len(data.train) == 2 and data.rows_read == 5
     assert data.drops == {
         "chosen_equals_rejected": 1,
+        "special_token_in_content": 0,
         "prompt_too_long": 1,
         "empty_response_after_truncation": 0,
         "identical_after_truncation": 1,
@@ -208,3 +210,138 @@ def test_eval_files(tmp_path):
     cfg.eval_fraction = 0.5
     with pytest.raises(DataError, match="not both"):
         load_preference_data(cfg, TOK)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every bad input is a one-line DataError naming the file (and line or row, and field)
+
+
+def _gz(path, text):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _lines(*records):
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+GOOD = {"prompt": "Q:", "chosen": " a", "rejected": " b"}
+
+
+def _truncated_gz(path):
+    data = _gz(path, _lines(*[GOOD] * 200)).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_gz(path):
+    data = bytearray(_gz(path, _lines(*[GOOD] * 200)).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+BAD_INPUTS = {
+    "truncated .jsonl.gz": (
+        "d.jsonl.gz",
+        _truncated_gz,
+        {},
+        r"d\.jsonl\.gz, line \d+: cannot decompress: the compressed data ends early",
+    ),
+    "non-gzip .jsonl.gz": (
+        "d.jsonl.gz",
+        lambda p: p.write_text(_lines(GOOD)),
+        {},
+        r"d\.jsonl\.gz, line 1: cannot decompress: it is not gzip data",
+    ),
+    "corrupt .jsonl.gz": (
+        "d.jsonl.gz",
+        _corrupt_gz,
+        {},
+        r"d\.jsonl\.gz, line \d+: cannot decompress",
+    ),
+    "truncated .json.gz": (
+        "d.json.gz",
+        lambda p: p.write_bytes(_gz(p, json.dumps([GOOD] * 200)).read_bytes()[:40]),
+        {},
+        r"d\.json\.gz: cannot decompress: the compressed data ends early",
+    ),
+    "lone surrogate, JSONL": (
+        "d.jsonl",
+        lambda p: p.write_text(
+            _lines(GOOD) + '{"prompt": "x\\ud800y", "chosen": "a", "rejected": "b"}\n'
+        ),
+        {},
+        r"d\.jsonl, line 2: field 'prompt' holds an invalid UTF-16 surrogate escape \(\\ud800 without",
+    ),
+    "lone low surrogate in a message, JSON": (
+        "d.json",
+        lambda p: p.write_text(
+            '[{"prompt": [{"role": "user", "content": "\\udc00"}], "chosen": "a", "rejected": "b"}]'
+        ),
+        {},
+        r"d\.json, row 0 \(0-based\): field 'prompt\[0\]\.content' holds an invalid UTF-16 surrogate",
+    ),
+    "all weights 0": (
+        "d.jsonl",
+        lambda p: p.write_text(_lines({**GOOD, "w": 0}, {**GOOD, "chosen": " c", "w": 0.0})),
+        {"weight_column": "w"},
+        r"d\.jsonl: every training pair has weight 0 \(field 'w'\): nothing to learn",
+    ),
+    "weight overflows float32": (
+        "d.jsonl",
+        lambda p: p.write_text(_lines(GOOD, {**GOOD, "w": 1e39})),
+        {"weight_column": "w"},
+        r"d\.jsonl, line 2: field 'w' is 1e\+39, too large for a float32 pair weight",
+    ),
+    "weight NaN": (
+        "d.jsonl",
+        lambda p: p.write_text('{"prompt": "Q", "chosen": "a", "rejected": "b", "w": NaN}\n'),
+        {"weight_column": "w"},
+        r"d\.jsonl, line 1: field 'w' must be a finite number >= 0, got nan",
+    ),
+    "weight inf": (
+        "d.jsonl",
+        lambda p: p.write_text(_lines({**GOOD, "w": "inf"})),
+        {"weight_column": "w"},
+        r"d\.jsonl, line 1: field 'w' must be a finite number >= 0, got inf",
+    ),
+    "weight negative": (
+        "d.jsonl",
+        lambda p: p.write_text(_lines({**GOOD, "w": -0.5})),
+        {"weight_column": "w"},
+        r"d\.jsonl, line 1: field 'w' must be a finite number >= 0, got -0\.5",
+    ),
+    "empty file": ("d.jsonl", lambda p: p.write_text(""), {}, r"d\.jsonl: the file is empty"),
+    "empty JSON list": (
+        "d.json",
+        lambda p: p.write_text("[]"),
+        {},
+        r"d\.json: no records in this file",
+    ),
+    "CSV with a header only": (
+        "d.csv",
+        lambda p: p.write_text("prompt,chosen,rejected\n"),
+        {},
+        r"d\.csv: no records in this file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_where(tmp_path, case):
+    name, write, settings, pattern = BAD_INPUTS[case]
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(DataError, match=pattern) as err:
+        load_preference_data(_cfg(tmp_path, [path], **settings), TOK)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_valid_surrogate_pairs_and_zero_weights_among_others_are_fine(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"prompt": "smile \\ud83d\\ude00:", "chosen": " a", "rejected": " b", "w": 0}\n'
+        + _lines({**GOOD, "w": 2})
+    )
+    data = load_preference_data(_cfg(tmp_path, [path], weight_column="w"), TOK)
+    assert data.train["weight"] == [0.0, 2.0]

@@ -11,7 +11,7 @@ import pytest
 from _data_helpers import STANDARD, write_jsonl
 
 from preftune.data import DataError
-from preftune.data.sources import read_records, resolve_files, source_columns
+from preftune.data.sources import SourceFile, read_records, resolve_files, source_columns
 
 
 def _read(path, fmt="auto", role="train"):
@@ -148,3 +148,10 @@ def test_very_long_lines(tmp_path):
     with open(tmp_path / "d.csv", "w", newline="") as f:
         csv.writer(f).writerows([["prompt", "chosen", "rejected"], [long, "a", "b"]])
     assert _read(tmp_path / "d.csv")[0][0]["prompt"] == long
+
+
+def test_a_file_that_cannot_be_opened_is_a_data_error(tmp_path):
+    folder = tmp_path / "d.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"d\.jsonl: cannot read the file \(Is a directory\)"):
+        list(read_records(SourceFile(str(folder), "jsonl")))

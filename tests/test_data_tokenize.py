@@ -1,16 +1,22 @@
 """preftune.data.tokenize: the exact prompt/response boundary, EOS/BOS, truncation policies, drops."""
 
+import json
+import os
 import random
+import threading
+import time
 
 import pytest
-from _data_helpers import SENTENCES, bytelevel_tokenizer, char_tokenizer
+from _data_helpers import SENTENCES, DataCfg, bytelevel_tokenizer, char_tokenizer
+from transformers import PreTrainedTokenizerFast
 
-from preftune.data import DataError, Location
+from preftune.data import DataError, Location, load_preference_data
 from preftune.data.shapes import Columns, Rendered, render_pair
 from preftune.data.tokenize import (
     Drop,
     Settings,
     Tally,
+    bound_pair,
     boundary_index,
     check_tokenizer,
     encode_pairs,
@@ -119,7 +125,7 @@ def test_responses_keep_their_start():
 def test_drops():
     t = Tally().truncations
     too_long = truncate_pair([1] * 10, [2], [3], _settings(max_prompt_length=None), t, None)
-    assert too_long == Drop("prompt_too_long", "10 prompt tokens >= max_length 10")
+    assert too_long == Drop("prompt_too_long", "the prompt alone fills max_length 10 tokens")
     same = truncate_pair([1], [5] * 12, [5] * 9 + [6], _settings(), t, None)
     assert isinstance(same, Drop) and same.reason == "identical_after_truncation"
     empty = truncate_pair([1], [], [3], _settings(), t, None)
@@ -144,3 +150,123 @@ def test_settings_and_tokenizer_checks():
         Settings.from_config(type("C", (), {"max_length": 1})())
     with pytest.raises(DataError, match="not a fast tokenizer"):
         check_tokenizer(type("Slow", (), {"is_fast": False})(), Settings())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounded work per record
+
+
+def _truncated(tok, pair, settings):
+    [(p, c, r)] = encode_pairs(tok, [pair], add_eos=settings.add_eos)
+    tally = Tally()
+    return truncate_pair(p, c, r, settings, tally.truncations, tok.bos_token_id), tally.truncations
+
+
+def _random_text(rng, n, alphabet="abcdefgh ijk\n.,"):
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("max_prompt_length", [24, None])
+@pytest.mark.parametrize("tok_name", ["char", "bytelevel"])
+def test_cutting_an_over_long_record_gives_the_same_tokens(tok_name, max_prompt_length, side):
+    """bound_pair then the exact pipeline == the exact pipeline on the whole texts: same kept tokens, same
+    truncation counts, same drops, for random texts of 20k characters on either side of the prompt, with and
+    without a prompt limit, in string and chat form (a template's BOS text in front)."""
+    tok = (
+        char_tokenizer([("a", "b"), ("ab", "c"), (" ", "a"), ("d", "e")])
+        if tok_name == "char"
+        else bytelevel_tokenizer()
+    )
+    settings = Settings(max_length=48, max_prompt_length=max_prompt_length, prompt_truncation=side)
+    rng = random.Random(f"{tok_name}{max_prompt_length}{side}")
+    cut = 0
+    for _ in range(8):
+        for chat in (False, True):
+            prompt = _random_text(rng, rng.choice([20, 20_000]))
+            if chat:
+                prompt = f"<s><|user|>{prompt}</s><|assistant|>"
+            pair = Rendered(
+                prompt,
+                _random_text(rng, rng.choice([5, 20_000])),
+                _random_text(rng, rng.choice([5, 20_000])),
+                chat,
+            )
+            bounded = bound_pair(tok, pair, settings)
+            cut += bounded is not pair
+            assert max(map(len, (bounded.prompt, bounded.chosen, bounded.rejected))) < 5_000
+            assert _truncated(tok, bounded, settings) == _truncated(tok, pair, settings)
+    assert cut >= 8  # the cut path was taken, not only the short one
+
+
+def test_tokens_longer_than_the_first_guess_are_not_cut_short():
+    """A tokenizer whose tokens are whole words (one UNK for any unknown word): a record of few, very long
+    tokens is not over-long, so it is not cut (the cut is verified, not assumed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    words = ["x" * 3000] * 20
+    pair = Rendered(" ".join(words), " a " + " ".join(words), " a", chat=False)
+    settings = Settings(max_length=48, max_prompt_length=24)
+    bounded = bound_pair(hf, pair, settings)
+    assert bounded.prompt == pair.prompt and bounded.chosen == pair.chosen  # 20 tokens: kept whole
+    assert _truncated(hf, bounded, settings) == _truncated(hf, pair, settings)
+
+
+class _NoHugeCalls(PreTrainedTokenizerFast):
+    """Fails at once when asked to tokenize a text of a megabyte or more."""
+
+    def __call__(self, text, *args, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        assert max(map(len, texts)) < 1_000_000, "a huge record was tokenized whole"
+        return super().__call__(text, *args, **kwargs)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to measure memory")
+def test_a_50_mb_record_costs_bounded_time_and_memory(tmp_path):
+    tok = char_tokenizer([("a", "b")], cls=_NoHugeCalls)
+    big = "ab cd " * (50_000_000 // 6)
+    records = [
+        {"prompt": "Q: " + big, "chosen": " yes " + big, "rejected": " no."},
+        {"prompt": "q", "chosen": " a", "rejected": " b"},
+    ]
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps(records[1]) + "\n")
+    del big, records
+    cfg = DataCfg(cache_dir=str(tmp_path / "cache"), max_length=64, max_prompt_length=32)
+    cfg.train_files = [str(small)]
+    load_preference_data(cfg, tok)  # warm: imports and first-use costs are not the record's
+
+    base = _rss()
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], _rss())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        cfg.train_files = [str(path)]
+        data = load_preference_data(cfg, tok)
+    finally:
+        done.set()
+        sampler.join()
+    elapsed, growth = time.perf_counter() - start, peak[0] - base
+    # Tokenizing 100M characters whole takes minutes and tens of GB; the record itself is 100 MB of text
+    # held a few times over (file line, decoded line, parsed strings, rendered texts).
+    assert elapsed < 5.0, elapsed
+    assert growth < 1e9, growth / 1e6
+    row = data.train[0]
+    assert len(row["prompt_ids"]) == 32 and len(row["prompt_ids"]) + len(row["chosen_ids"]) == 64
+    assert data.truncations == {"prompt": 1, "chosen": 1, "rejected": 0}

@@ -18,6 +18,14 @@ The key is the SHA-256 of (canonical JSON):
 - every tokenization setting (shape, columns, max_length, max_prompt_length, prompt_truncation, add_eos) and the
   eval split (fraction and seed, or eval files). ``on_drop`` is not in the key: a hit re-checks the stored drop
   counts and raises when ``on_drop="error"``.
+
+Verified before use: ``meta.json`` records, for each ``.arrow`` file, its size in bytes, its BLAKE2b checksum
+and its number of rows, and carries a SHA-256 of its own content. An entry is used only if meta.json is intact,
+every file has its size and checksum (the checksum is memoised like an input file's, by size, mtime, ctime and
+inode, so an untouched entry is not re-read on every hit; any write to a file changes its ctime) and its Arrow
+stream holds the recorded rows. Anything else (bytes flipped, a truncated file, a well-formed file with other
+values, a wrong row count, an edited meta.json) is logged as one line naming the file and why, and the entry
+is recomputed and replaced. (Checking on every hit costs one read of the cache the first time after a write.)
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -51,9 +60,12 @@ __all__ = [
     "tokenizer_fingerprint",
 ]
 
-CODE_VERSION = "preftune.data/1"
+CODE_VERSION = "preftune.data/2"  # 2: special_token_in_content drops, bounded records, checksums
 _CHUNK = 1 << 20
 _FLUSH_ROWS = 1024
+_META = "meta.json"
+
+log = logging.getLogger("preftune.data")
 
 SCHEMA = pa.schema(
     [
@@ -118,7 +130,9 @@ def source_digest(src: SourceFile, root: Path | None = None) -> dict:
         digest = h.hexdigest()
     else:
         digest = file_digest(src.path, root)
-    return {"digest": digest, "format": src.format, "split": src.split}
+    # How the bytes are read is part of the identity: the same bytes named .gz are not plain text.
+    gz = src.path.endswith(".gz")
+    return {"digest": digest, "format": src.format, "gzip": gz, "split": src.split}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -214,17 +228,61 @@ def split_rows(source: Path, train: Path, eval_: Path, eval_rows: np.ndarray) ->
 
 
 def read_entry(root: Path, key: str) -> dict | None:
-    """The stored meta of a complete entry, or None."""
-    entry = root / key
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    files = ["train.arrow"] + (["eval.arrow"] if meta.get("has_eval") else [])
-    if not all((entry / f).is_file() for f in files):
-        return None
-    meta["path"] = str(entry)
+    """The stored meta of a complete, verified entry, or None (a problem with an existing entry is logged)."""
+    meta, problem = _verified_meta(root, key)
+    if problem is not None:
+        log.warning("data cache %s; recomputing it", problem)
     return meta
+
+
+def _verified_meta(root: Path, key: str) -> tuple[dict | None, str | None]:
+    """(meta, None) for a good entry, (None, None) for no entry, (None, "<file>: <why>") for a bad one."""
+    entry = root / key
+    if not entry.is_dir():
+        return None, None
+    try:
+        meta = json.loads((entry / _META).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"{entry / _META}: unreadable ({e})"
+    if not isinstance(meta, dict) or meta.get("checksum") != _meta_checksum(meta):
+        return None, f"{entry / _META}: its checksum does not match its content"
+    arrow = meta.get("arrow") or {}
+    if "train.arrow" not in arrow or bool(meta.get("has_eval")) != ("eval.arrow" in arrow):
+        return None, f"{entry / _META}: does not list its Arrow files"
+    for name, want in arrow.items():
+        problem = _arrow_problem(entry / name, want, root)
+        if problem is not None:
+            return None, f"{entry / name}: {problem}"
+    meta["path"] = str(entry)
+    return meta, None
+
+
+def _arrow_problem(path: Path, want: dict, root: Path) -> str | None:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"missing or unreadable ({e.strerror})"
+    if size != want["bytes"]:
+        return f"{size} bytes, expected {want['bytes']} (truncated or overwritten)"
+    if file_digest(path, root) != want["blake2b"]:
+        return "its checksum does not match (the content changed)"
+    try:
+        rows = _count_rows(path)
+    except (OSError, pa.ArrowException) as e:
+        return f"not a readable Arrow stream ({e})"
+    if rows != want["rows"]:
+        return f"{rows} rows, expected {want['rows']}"
+    return None
+
+
+def _count_rows(path: Path) -> int:
+    with pa.memory_map(str(path)) as mm:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(mm))
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k not in ("checksum", "path")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _remove_stale_staging(root: Path, max_age_s: float = 24 * 3600) -> None:
@@ -246,16 +304,25 @@ def committed_entry(root: Path, key: str) -> Iterator[tuple[Path, dict]]:
     meta: dict = {}
     try:
         yield tmp, meta
-        (tmp / "meta.json").write_text(
-            json.dumps({"code": CODE_VERSION, **meta}, indent=1, sort_keys=True)
-        )
+        meta = {"code": CODE_VERSION, **meta}
+        meta["arrow"] = {
+            name: {
+                "bytes": (tmp / name).stat().st_size,
+                "blake2b": file_digest(tmp / name),
+                "rows": _count_rows(tmp / name),
+            }
+            for name in ("train.arrow", "eval.arrow")
+            if (tmp / name).is_file()
+        }
+        meta["checksum"] = _meta_checksum(meta)
+        (tmp / _META).write_text(json.dumps(meta, indent=1, sort_keys=True))
         target = root / key
-        if target.exists() and read_entry(root, key) is None:  # a broken entry: replace it
+        if target.exists() and _verified_meta(root, key)[0] is None:  # a bad entry: replace it
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(tmp, target)
-        except OSError:
-            if read_entry(root, key) is None:
+        except OSError:  # another process committed first: fine if its entry is good
+            if _verified_meta(root, key)[0] is None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,8 @@
-"""`DataError` and `Location`: every complaint about input data says where it is and what was expected."""
+"""`DataError`, `Location` and `Drop`: every complaint about input data says where it is and what was expected.
+
+A `DataError` stops loading (the input is malformed); a `Drop` is a well-formed pair refused by policy, counted
+per reason (``data.on_drop="error"`` turns it into a `DataError` naming the record).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DataError", "Location", "suggest"]
+__all__ = ["DataError", "Drop", "Location", "suggest"]
 
 
 class DataError(ValueError):
@@ -30,6 +34,14 @@ class Location:
         if self.row is not None:
             return f"{self.file}, row {self.row} (0-based)"
         return self.file
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Why a pair was refused (one of ``tokenize.DROP_REASONS``) and a short detail for the error message."""
+
+    reason: str
+    detail: str = ""
 
 
 def suggest(name: str, available: Iterable[str]) -> str:

@@ -1,7 +1,11 @@
 """`load_preference_data`: files -> validated, tokenized, cached train/eval splits.
 
 Pipeline: resolve files -> cache key -> (hit) open the cached Arrow files, or (miss) stream records, render
-(shapes.py), tokenize exactly and truncate (tokenize.py) in chunks, write Arrow, split, commit the entry.
+(shapes.py), cut over-long texts to what truncation can keep, tokenize exactly and truncate (tokenize.py) in
+chunks, write Arrow, split, commit the entry.
+
+Whole-input errors (`DataError`): a file with no records ("is empty"), and training pairs whose weights are
+all 0 (nothing to learn).
 
 Eval split by ``eval_fraction``: ``round(fraction * rows_read)`` records (at least 1) of the training files, by
 a permutation seeded with ``seed``, go to eval. The split is made on the records as READ (before drops), so
@@ -15,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +37,21 @@ from .cache import (
     split_rows,
     tokenizer_fingerprint,
 )
-from .errors import DataError, Location, missing_column_error
-from .shapes import Columns, Rendered, detect_shape, parse_weight, render_pair
+from .errors import DataError, Drop, Location, missing_column_error
+from .shapes import (
+    Columns,
+    Rendered,
+    detect_shape,
+    parse_weight,
+    render_pair,
+    special_token_pattern,
+)
 from .sources import SourceFile, read_records, resolve_files, source_columns
 from .tokenize import (
     DROP_REASONS,
-    Drop,
     Settings,
     Tally,
+    bound_pair,
     check_tokenizer,
     encode_pairs,
     truncate_pair,
@@ -195,6 +207,12 @@ def _build(
         raise DataError(
             f"no training pairs left: {rows_read} records read, drops {_nonzero(total)}"
         )
+    if cols.weight and _max_weight(tmp / "train.arrow") <= 0:
+        files = ", ".join(s.path for s in train_srcs)
+        raise DataError(
+            f"{files}: every training pair has weight 0 (field {cols.weight!r}): nothing to learn; "
+            "expected at least one weight > 0"
+        )
     if (fraction > 0 or eval_srcs) and n_eval == 0:
         raise DataError(f"no eval pairs left: {rows_read} records read, drops {_nonzero(total)}")
     meta.update(
@@ -209,6 +227,18 @@ def _build(
         shapes=shapes,
         files={"train": [s.path for s in train_srcs], "eval": [s.path for s in eval_srcs]},
     )
+
+
+def _max_weight(path: Path) -> float:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    best = 0.0
+    with pa.memory_map(str(path)) as mm:
+        for batch in pa.ipc.open_stream(mm):
+            top = pc.max(batch.column("weight")).as_py()
+            best = max(best, top or 0.0)
+    return best
 
 
 def _nonzero(tally: Tally) -> dict[str, int]:
@@ -236,6 +266,9 @@ def _tokenize_sources(
     for src in srcs:
         for rendered, weight, loc in _rendered_records(src, cols, shape, tokenizer, shapes):
             row, state.rows = state.rows, state.rows + 1
+            if isinstance(rendered, Drop):
+                _drop(state, row, rendered.reason, loc, settings, rendered.detail)
+                continue
             if rendered.chosen == rendered.rejected:
                 _drop(state, row, "chosen_equals_rejected", loc, settings)
                 continue
@@ -258,7 +291,9 @@ def _flush(
 ) -> None:
     if not pending:
         return
-    encoded = encode_pairs(tokenizer, [p[0] for p in pending], add_eos=settings.add_eos)
+    # Over-long texts are cut first, so that a huge record costs no more than max_length allows.
+    bounded = [bound_pair(tokenizer, p[0], settings) for p in pending]
+    encoded = encode_pairs(tokenizer, bounded, add_eos=settings.add_eos)
     bos = tokenizer.bos_token_id
     for (_, weight, loc, row), (prompt, chosen, rejected) in zip(pending, encoded):
         pair = truncate_pair(prompt, chosen, rejected, settings, state.tally.truncations, bos)
@@ -271,19 +306,26 @@ def _flush(
 
 def _rendered_records(
     src: SourceFile, cols: Columns, shape: str, tokenizer: Any, shapes: dict[str, str]
-) -> Iterator[tuple[Rendered, float, Location]]:
+) -> Iterator[tuple[Rendered | Drop, float, Location]]:
     columns = source_columns(src)
     records = read_records(src, cols.needed())
     first = next(records, None)
     file_shape = detect_shape(shape, cols, first[0] if first else None, columns, src.path)
     shapes[src.path] = file_shape
     if first is None:
-        return
+        empty = os.path.isfile(src.path) and os.path.getsize(src.path) == 0
+        raise DataError(
+            f"{src.path}: {'the file is empty' if empty else 'no records in this file'}; "
+            "expected preference records"
+        )
     if cols.weight and columns is not None and cols.weight not in columns:
         raise missing_column_error(src.path, cols.weight, columns)
+    specials: re.Pattern[str] | None = None
+    if file_shape != "standard":
+        specials = special_token_pattern(tokenizer)
     weight_seen = False
     for record, loc in itertools.chain([first], records):
-        rendered = render_pair(record, file_shape, cols, loc, tokenizer)
+        rendered = render_pair(record, file_shape, cols, loc, tokenizer, specials)
         weight = 1.0
         if cols.weight:
             weight_seen = weight_seen or cols.weight in record

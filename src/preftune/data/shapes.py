@@ -21,21 +21,52 @@ Shapes (``shape="auto"`` decides once per file, from its first record or its col
       with no whitespace in the common prefix the prompt is empty. Then treated as ``standard``.
 
 Roles allowed in messages: system, user, assistant, tool. Extra message keys are passed to the template.
+
+Turn structure (conversational and implicit messages; a violation is a `DataError` naming the file, line and
+field, since the row cannot mean what its shape says): the prompt ends with a ``user`` or ``tool`` message (the
+turn the response answers), and a response holds ``assistant`` messages only (a user or tool message inside a
+response would be scored as if the model had written it).
+
+Message text cannot forge turns. A chat template writes its own markers (``<|im_start|>``, ``<|eot_id|>``, ...)
+around the messages, and the rendered text is tokenized with special tokens recognised, so a marker typed
+*inside* a message would become a real turn boundary. The choice made here is to refuse such rows: a message
+whose content (or any other string it carries besides its role) contains the text of one of the tokenizer's
+special tokens (``all_special_tokens`` and every added token marked special) is dropped as
+``special_token_in_content`` (counted; ``data.on_drop="error"`` makes it a `DataError` naming the field). This
+is exact and simple: the special tokens of a kept row are exactly the template's own. (The alternative, mapping
+content spans and tokenizing them with special tokens split, depends on how each template transforms its
+content and on tokenizers treating text segments independently.) Two limits, both deliberate: the template
+itself is trusted to write whole markers (none writes half a marker next to a message), and the string shapes
+are not checked, because their text is the model input exactly as written (pre-rendered chat text uses the
+markers on purpose). Added tokens that are not special (e.g. ``<think>``) are ordinary text and allowed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError, Location, missing_column_error
+from .errors import DataError, Drop, Location, missing_column_error
 
-__all__ = ["ROLES", "SHAPES", "Columns", "Rendered", "detect_shape", "parse_weight", "render_pair"]
+__all__ = [
+    "PROMPT_END_ROLES",
+    "ROLES",
+    "SHAPES",
+    "Columns",
+    "Rendered",
+    "detect_shape",
+    "parse_weight",
+    "render_pair",
+    "special_token_pattern",
+]
 
 SHAPES = ("standard", "conversational", "implicit")
 ROLES = ("system", "user", "assistant", "tool")
+PROMPT_END_ROLES = ("user", "tool")  # a prompt ends with the turn the response answers
+_FLOAT32_MAX = 3.4028234663852886e38  # weights are stored as float32
 
 
 @dataclass(frozen=True)
@@ -98,7 +129,8 @@ def detect_shape(
 
 
 def parse_weight(value: Any, loc: Location, field: str) -> float:
-    """A pair weight: missing/None/empty -> 1.0; a finite number >= 0 (or a numeric string) otherwise."""
+    """A pair weight: missing/None/empty -> 1.0; otherwise a number >= 0 (or a numeric string) that float32
+    holds (NaN, infinities, negatives and values above float32's maximum are `DataError`s)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return 1.0
     if isinstance(value, bool):
@@ -111,11 +143,43 @@ def parse_weight(value: Any, loc: Location, field: str) -> float:
         ) from None
     if not math.isfinite(weight) or weight < 0:
         raise DataError(f"{loc}: field {field!r} must be a finite number >= 0, got {weight}")
+    if weight > _FLOAT32_MAX:
+        raise DataError(
+            f"{loc}: field {field!r} is {weight:g}, too large for a float32 pair weight "
+            f"(at most {_FLOAT32_MAX:.4g}); expected a finite number >= 0"
+        )
     return weight
 
 
-def render_pair(record: dict, shape: str, cols: Columns, loc: Location, tokenizer: Any) -> Rendered:
-    """Validate one record and render it to text (see the module docstring for each shape)."""
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching the text of any special token of ``tokenizer`` (its named special tokens and every
+    added token marked special), longest first; None when it has none."""
+    texts = {str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])}
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            texts.add(str(added.content))
+    texts.discard("")
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def render_pair(
+    record: dict,
+    shape: str,
+    cols: Columns,
+    loc: Location,
+    tokenizer: Any,
+    specials: re.Pattern[str] | None = None,
+) -> Rendered | Drop:
+    """Validate one record and render it to text (see the module docstring for each shape).
+
+    Returns a `Drop` (``special_token_in_content``) for a message row that types a special token's text.
+    ``specials``: ``special_token_pattern(tokenizer)``, computed here when not given (pass it when rendering
+    many records).
+    """
+    if specials is None and shape != "standard":
+        specials = special_token_pattern(tokenizer)
     if shape == "standard":
         prompt = _string(record, cols.prompt, loc, allow_empty=True)
         chosen = _string(record, cols.chosen, loc)
@@ -127,9 +191,18 @@ def render_pair(record: dict, shape: str, cols: Columns, loc: Location, tokenize
             raise DataError(
                 f"{loc}: field {cols.prompt!r} is an empty list; expected at least one message"
             )
+        _check_prompt_end(prompt_msgs, cols.prompt, loc)
         chosen_msgs = _response(_get(record, cols.chosen, loc), cols.chosen, loc)
         rejected_msgs = _response(_get(record, cols.rejected, loc), cols.rejected, loc)
-        return _render_chat(tokenizer, prompt_msgs, chosen_msgs, rejected_msgs, loc)
+        forged = _forged_turn(
+            specials,
+            (
+                (cols.prompt, prompt_msgs),
+                (cols.chosen, chosen_msgs),
+                (cols.rejected, rejected_msgs),
+            ),
+        )
+        return forged or _render_chat(tokenizer, prompt_msgs, chosen_msgs, rejected_msgs, loc)
     if shape == "implicit":
         chosen, rejected = _get(record, cols.chosen, loc), _get(record, cols.rejected, loc)
         if isinstance(chosen, str) and isinstance(rejected, str):
@@ -152,9 +225,11 @@ def render_pair(record: dict, shape: str, cols: Columns, loc: Location, tokenize
                     "expected both conversations to start with the same messages, followed by an "
                     "assistant message"
                 )
-            chosen_resp = _response(chosen[k:], cols.chosen, loc)
-            rejected_resp = _response(rejected[k:], cols.rejected, loc)
-            return _render_chat(tokenizer, chosen[:k], chosen_resp, rejected_resp, loc)
+            _check_prompt_end(chosen[:k], f"{cols.chosen}[:{k}] (the shared prompt)", loc)
+            chosen_resp = _response(chosen[k:], cols.chosen, loc, offset=k)
+            rejected_resp = _response(rejected[k:], cols.rejected, loc, offset=k)
+            forged = _forged_turn(specials, ((cols.chosen, chosen), (cols.rejected, rejected)))
+            return forged or _render_chat(tokenizer, chosen[:k], chosen_resp, rejected_resp, loc)
         raise DataError(
             f"{loc}: fields {cols.chosen!r} and {cols.rejected!r} must both be strings or both be lists of "
             f"messages (implicit prompt shape), got {type(chosen).__name__} and {type(rejected).__name__}"
@@ -256,7 +331,8 @@ def _messages(value: Any, field: str, loc: Location) -> list[dict]:
     return out
 
 
-def _response(value: Any, field: str, loc: Location) -> list[dict]:
+def _response(value: Any, field: str, loc: Location, offset: int = 0) -> list[dict]:
+    """The response messages: assistant turns only. ``offset``: index of the first one in ``field``."""
     if isinstance(value, str):
         value = [{"role": "assistant", "content": value}]
     elif isinstance(value, dict):
@@ -267,11 +343,59 @@ def _response(value: Any, field: str, loc: Location) -> list[dict]:
         raise DataError(
             f"{loc}: field {field!r} must start with an assistant message (the response), got {first}"
         )
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant":
+            raise DataError(
+                f"{loc}: field {f'{field}[{offset + i}].role'!r} is {msg['role']!r}; a response holds "
+                "assistant messages only (put earlier turns in the prompt)"
+            )
     if not any(m.get("content", "").strip() or m.get("tool_calls") for m in msgs):
         raise DataError(
             f"{loc}: field {field!r} is an empty response; expected non-empty assistant content"
         )
     return msgs
+
+
+def _check_prompt_end(msgs: list[dict], field: str, loc: Location) -> None:
+    role = msgs[-1]["role"]
+    if role not in PROMPT_END_ROLES:
+        raise DataError(
+            f"{loc}: field {field!r} ends with a {role!r} message; a prompt must end with a "
+            f"{' or '.join(PROMPT_END_ROLES)} message (the turn the response answers)"
+        )
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(path, text) of every string inside a message value (content, name, tool call arguments, ...)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{path}[{i}]")
+
+
+def _forged_turn(
+    specials: re.Pattern[str] | None, fields: Sequence[tuple[str, list[dict]]]
+) -> Drop | None:
+    """A `Drop` when a message carries the text of a special token (see the module docstring)."""
+    if specials is None:
+        return None
+    for field, msgs in fields:
+        for i, msg in enumerate(msgs):
+            for key, value in msg.items():
+                if key == "role":  # validated against ROLES
+                    continue
+                for path, text in _strings(value, f"{field}[{i}].{key}"):
+                    found = specials.search(text)
+                    if found:
+                        return Drop(
+                            "special_token_in_content",
+                            f"field {path!r} contains the special token {found.group()!r} as text",
+                        )
+    return None
 
 
 def _render_chat(

@@ -13,7 +13,10 @@ Formats (``format="auto"`` picks by extension; ``.gz`` is allowed on the text fo
   ``.arrow`` file written by ``datasets``; memory-mapped, read in batches.
 
 Text is UTF-8; a BOM is skipped and Windows line endings are accepted. Invalid UTF-8 raises a `DataError`
-naming the line and the byte offset.
+naming the line and the byte offset. So does JSON text holding an invalid UTF-16 surrogate escape (a lone
+``\ud800``-``\udfff``, which Python's JSON reader accepts but no tokenizer or Arrow file can hold), naming the
+line (or row) and the field. A file that cannot be read (permissions, a folder) or decompressed (not gzip,
+truncated, corrupt) is a `DataError` naming the file and the line reached.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import gzip
 import io
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,15 +162,56 @@ def read_records(
 # ----------------------------------------------------------------------------------------- text formats
 
 
+# Lone UTF-16 surrogates: JSON escapes \ud800-\udfff that are not part of a valid pair survive json.loads.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What reading a (gzip) file raises: OSError (gzip.BadGzipFile too), EOFError (truncated), zlib.error.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
 def _open_binary(path: str) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    try:
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+def _read_error(path: str, line: int | None, e: BaseException) -> DataError:
+    """A failure reading or decompressing ``path`` (at 1-based ``line``, if known) as one clear message."""
+    where = path if line is None else f"{path}, line {line}"
+    if not path.endswith(".gz"):
+        return DataError(f"{where}: cannot read the file ({e})")
+    if isinstance(e, EOFError):
+        why = "the compressed data ends early (a truncated download or copy?)"
+    elif isinstance(e, gzip.BadGzipFile) and "Not a gzipped file" in str(e):
+        why = "it is not gzip data"
+    else:
+        why = f"corrupt gzip data ({e})"
+    return DataError(
+        f"{where}: cannot decompress: {why}; expected a complete gzip file "
+        "(check it with `gzip -t`)"
+    )
+
+
+def _raw_lines(f: io.BufferedIOBase, path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) for each line; read and decompression failures become DataErrors."""
+    lineno = 0
+    while True:
+        try:
+            raw = f.readline()
+        except _READ_ERRORS as e:
+            raise _read_error(path, lineno + 1, e) from None
+        if not raw:
+            return
+        lineno += 1
+        yield lineno, raw
 
 
 def _decoded_lines(path: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, text with its line ending) for each line, strict UTF-8, BOM skipped."""
     offset = 0
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _raw_lines(f, path):
             start = offset
             offset += len(raw)
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -198,12 +244,42 @@ def _read_jsonl(path: str) -> Iterator[tuple[dict, Location]]:
             ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{loc}: expected a JSON object per line, got {type(obj).__name__}")
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+            _check_surrogates(obj, loc)
         yield obj, loc
+
+
+def _check_surrogates(record: dict, loc: Location) -> None:
+    for field, text in _strings_in(record, ""):
+        found = _SURROGATE.search(text)
+        if found:
+            bad = found.group()
+            raise DataError(
+                f"{loc}: field {field!r} holds an invalid UTF-16 surrogate escape "
+                f"(\\u{ord(bad):04x} without its pair); expected valid Unicode text"
+            )
+
+
+def _strings_in(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(field path, text) of every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            yield f"{name} (the key)", str(key)
+            yield from _strings_in(item, name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings_in(item, f"{path}[{i}]")
 
 
 def _read_json(path: str) -> Iterator[tuple[dict, Location]]:
     with _open_binary(path) as f:
-        data = f.read()
+        try:
+            data = f.read()
+        except _READ_ERRORS as e:
+            raise _read_error(path, None, e) from None
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
@@ -214,6 +290,7 @@ def _read_json(path: str) -> Iterator[tuple[dict, Location]]:
             f"{path}, line {line}", data[line_start:], _shift(e, line_start), line_start
         ) from None
     del data
+    surrogates = "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -243,6 +320,8 @@ def _read_json(path: str) -> Iterator[tuple[dict, Location]]:
             raise DataError(
                 f"{loc}: expected a JSON object (a record), got {type(record).__name__}"
             )
+        if surrogates:
+            _check_surrogates(record, loc)
         yield record, loc
 
 

@@ -23,10 +23,34 @@ Truncation policy (after EOS is appended, so a cut response loses its EOS: it di
 3. Each response is cut to ``max_length - len(prompt_ids)`` tokens, keeping its start.
 
 Drops, counted per reason (``on_drop="error"`` raises a `DataError` naming the record instead):
-``chosen_equals_rejected`` (identical response texts), ``prompt_too_long``, ``empty_response_after_truncation``
-(a response with no tokens left) and ``identical_after_truncation`` (both responses cut to the same tokens: the
-pair carries no signal). An empty response in the INPUT is not a drop but a `DataError`. Truncations are
-counted per field (``prompt``, ``chosen``, ``rejected``) for reporting.
+``chosen_equals_rejected`` (identical response texts), ``special_token_in_content`` (a message typing a special
+token's text, see shapes.py), ``prompt_too_long``, ``empty_response_after_truncation`` (a response with no tokens
+left) and ``identical_after_truncation`` (both responses cut to the same tokens: the pair carries no signal). An
+empty response in the INPUT is not a drop but a `DataError`. Truncations are counted per field (``prompt``,
+``chosen``, ``rejected``) for reporting.
+
+Bounded work per record (`bound_pair`, applied before `encode_pairs`): a record of 50 MB must not be tokenized
+whole when at most ``max_length`` of its tokens survive. Truncation keeps, of each text, only a bounded number
+of tokens from one side: the first ``max_length`` response tokens, the last (``prompt_truncation="left"``) or
+first (``"right"``) ``max_prompt_length`` prompt tokens (``max_length`` from the start when there is no prompt
+limit: more means a drop), plus the prompt's first token (a kept BOS) and its last characters (the
+prompt/response boundary). So each over-long text is cut by characters to a piece that holds those tokens,
+and the exact pipeline runs on the pieces.
+
+How many characters are enough? No fixed ratio bounds it for every tokenizer: a token covers at least one
+byte, but a character can be several tokens (byte-level BPE on multi-byte characters) and one token can cover
+any number of characters (a long vocabulary entry; an unknown word mapped to one UNK token). So the bound is
+*verified* instead of assumed: a cut of C characters (first ``_CHARS_PER_TOKEN`` characters per token needed)
+is tokenized, and accepted only if it holds one more token than needed clear of the cut, i.e. ending (or
+starting) at least ``_MARGIN_CHARS`` characters and ``_MARGIN_TOKENS`` tokens away from it; otherwise C doubles,
+up to the whole text (no cut). Work and memory per record are therefore proportional to the characters its
+kept tokens actually cover (at most about twice that, plus the margins), not to the record.
+
+Exactness rests on one property, locality: tokens that far from a cut are the same in the cut piece as in the
+whole text. It holds for every tokenizer that splits text into words or pieces before its model (byte-level BPE
+regexes, whitespace/metaspace splitting, WordPiece), and for BPE merges within a long word in practice (a
+merge decision depends on its neighbours, and disagreement dies out within a few tokens); the margins are far
+wider than that. Whenever the whole text does not hold more tokens than truncation keeps, nothing is cut.
 """
 
 from __future__ import annotations
@@ -35,7 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DataError, Location
+from .errors import DataError, Drop, Location
 from .shapes import Rendered
 
 __all__ = [
@@ -43,6 +67,7 @@ __all__ = [
     "Drop",
     "Settings",
     "Tally",
+    "bound_pair",
     "boundary_index",
     "encode_pairs",
     "truncate_pair",
@@ -50,6 +75,7 @@ __all__ = [
 
 DROP_REASONS = (
     "chosen_equals_rejected",
+    "special_token_in_content",
     "prompt_too_long",
     "empty_response_after_truncation",
     "identical_after_truncation",
@@ -187,14 +213,6 @@ def encode_pairs(
     return out  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class Drop:
-    """Why a pair was dropped (one of DROP_REASONS) and a short detail for the error message."""
-
-    reason: str
-    detail: str = ""
-
-
 def truncate_pair(
     prompt: list[int],
     chosen: list[int],
@@ -214,8 +232,9 @@ def truncate_pair(
         else:
             prompt = prompt[len(prompt) - limit :]
     if len(prompt) >= settings.max_length:
+        # No token count in the detail: a bounded (cut) prompt knows only that it is at least this long.
         return Drop(
-            "prompt_too_long", f"{len(prompt)} prompt tokens >= max_length {settings.max_length}"
+            "prompt_too_long", f"the prompt alone fills max_length {settings.max_length} tokens"
         )
     budget = settings.max_length - len(prompt)
     if len(chosen) > budget:
@@ -229,3 +248,120 @@ def truncate_pair(
     if chosen == rejected:
         return Drop("identical_after_truncation", "both responses have the same tokens")
     return prompt, chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounded work per record (see the module docstring)
+
+# The first guess of the characters a kept token covers (verified, doubled when short), and the margins:
+# tokens this close to a cut, in characters or in tokens, may differ from the whole text's and do not count.
+_CHARS_PER_TOKEN = 8
+_MARGIN_CHARS = 256
+_MARGIN_TOKENS = 16
+
+
+def bound_pair(tokenizer: Any, pair: Rendered, settings: Settings) -> Rendered:
+    """``pair`` with each over-long text cut to the characters truncation can keep (see the module docstring).
+
+    ``truncate_pair(*encode_pairs(...)[0], ...)`` gives the same result for the returned pair as for ``pair``
+    (same kept tokens, same truncation counts, same drops); texts that are not over-long are returned as is,
+    and a pair whose texts are all short is returned without tokenizing anything.
+    """
+    prompt = _bound_prompt(tokenizer, pair.prompt, pair.chat, settings)
+    # Enough of the prompt before a response to fix the response's first tokens.
+    context = prompt[-2 * _MARGIN_CHARS :]
+    chosen = _bound_response(tokenizer, context, pair.chosen, pair.chat, settings.max_length)
+    rejected = _bound_response(tokenizer, context, pair.rejected, pair.chat, settings.max_length)
+    if prompt is pair.prompt and chosen is pair.chosen and rejected is pair.rejected:
+        return pair
+    return Rendered(prompt, chosen, rejected, pair.chat)
+
+
+def _offsets(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(
+        text,
+        add_special_tokens=not chat,  # as encode_pairs tokenizes
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def _clear_tokens(offsets: Sequence[tuple[int, int]], lo: int, hi: int) -> int:
+    """Tokens lying within characters ``[lo, hi]`` (already a margin away from every cut), less the
+    ``_MARGIN_TOKENS`` nearest each end. Tokens with empty offsets (added by a post-processor) do not count."""
+    inside = sum(1 for s, e in offsets if s >= lo and e <= hi and e > s)
+    return max(0, inside - 2 * _MARGIN_TOKENS)
+
+
+def _bound_response(tokenizer: Any, context: str, text: str, chat: bool, need: int) -> str:
+    """``text`` cut at its end, holding more than ``need`` tokens clear of the cut (after ``context``)."""
+    size = _CHARS_PER_TOKEN * (need + 1) + _MARGIN_CHARS
+    while size < len(text):
+        _, offsets = _offsets(tokenizer, context + text[:size], chat)
+        if _clear_tokens(offsets, len(context), len(context) + size - _MARGIN_CHARS) > need:
+            return text[:size]
+        size *= 2
+    return text
+
+
+def _bound_prompt(tokenizer: Any, text: str, chat: bool, settings: Settings) -> str:
+    """The prompt with the part truncation cannot keep removed (see the module docstring)."""
+    limit = settings.max_prompt_length
+    need = int(limit) if limit is not None else settings.max_length
+    size = _CHARS_PER_TOKEN * (need + 1) + 2 * _MARGIN_CHARS
+    if size + 4 * _MARGIN_CHARS >= len(text):  # an ordinary prompt: nothing to tokenize here
+        return text
+    if limit is None or settings.prompt_truncation == "right":
+        return _keep_prompt_start(tokenizer, text, chat, need, size)
+    return _keep_prompt_end(tokenizer, text, chat, need, size)
+
+
+def _keep_prompt_start(tokenizer: Any, text: str, chat: bool, need: int, size: int) -> str:
+    """Its start (the tokens kept) and its end (so that the prompt/response boundary stays exact)."""
+    end = _fixed_end(tokenizer, text, chat)
+    while size + len(end) < len(text):
+        _, offsets = _offsets(tokenizer, text[:size], chat)
+        if _clear_tokens(offsets, 0, size - _MARGIN_CHARS) > need:
+            return text[:size] + end
+        size *= 2
+    return text
+
+
+def _keep_prompt_end(tokenizer: Any, text: str, chat: bool, need: int, size: int) -> str:
+    """Its end (the tokens kept, and the boundary) and, in front, the text of a leading BOS: left truncation
+    keeps the first token when it is a BOS. The cut piece must start with a BOS exactly when the prompt does."""
+    bos = _leading_bos(tokenizer, text, chat)
+    head = bos or ""
+    while len(head) + size < len(text):
+        piece = head + text[len(text) - size :]
+        ids, offsets = _offsets(tokenizer, piece, chat)
+        starts_with_bos = bool(ids) and ids[0] == tokenizer.bos_token_id
+        lo, hi = len(head) + _MARGIN_CHARS, len(piece) - _MARGIN_CHARS
+        if starts_with_bos == (bos is not None) and _clear_tokens(offsets, lo, hi) > need:
+            return piece
+        size *= 2
+    return text
+
+
+def _leading_bos(tokenizer: Any, text: str, chat: bool) -> str | None:
+    """The text of the BOS token the prompt starts with ("" when a post-processor adds it), or None."""
+    bos_id = tokenizer.bos_token_id
+    ids, offsets = _offsets(tokenizer, text[: 2 * _MARGIN_CHARS], chat)
+    if bos_id is None or not ids or ids[0] != bos_id:
+        return None
+    return text[: offsets[0][1]]
+
+
+def _fixed_end(tokenizer: Any, text: str, chat: bool) -> str:
+    """The shortest end of ``text`` (doubling from ``2 * _MARGIN_CHARS`` characters) that holds
+    ``2 * _MARGIN_TOKENS`` tokens starting at least ``_MARGIN_CHARS`` after where it is cut off."""
+    size = 2 * _MARGIN_CHARS
+    while size < len(text):
+        _, offsets = _offsets(tokenizer, text[len(text) - size :], chat)
+        if sum(1 for s, e in offsets if s >= _MARGIN_CHARS and e > s) >= 2 * _MARGIN_TOKENS:
+            return text[len(text) - size :]
+        size *= 2
+    return text
