@@ -80,13 +80,13 @@ def test_padding_layout_right_and_left():
         assert right.input_ids[row, n:].eq(TOK.pad_token_id).all()
         assert right.position_ids[row].tolist() == [*range(n), *[0] * (T - n)]
         for key in ("input_ids", "completion_mask", "position_ids"):
-            assert getattr(right, key)[row, :n].tolist() == getattr(left, key)[row, T - n :].tolist()
+            assert (
+                getattr(right, key)[row, :n].tolist() == getattr(left, key)[row, T - n :].tolist()
+            )
     # chosen rows first, then rejected
     first = examples[0]
     assert right.input_ids[0, : lengths[0]].tolist() == first["prompt_ids"] + first["chosen_ids"]
-    assert (
-        right.input_ids[3, : lengths[3]].tolist() == first["prompt_ids"] + first["rejected_ids"]
-    )
+    assert right.input_ids[3, : lengths[3]].tolist() == first["prompt_ids"] + first["rejected_ids"]
     assert right.weights.tolist() == [0.5, 1.0, 1.5] and right.weights.dtype == torch.float32
     assert right.index.tolist() == [10, 11, 12] and right.index.dtype == torch.int64
 
@@ -96,9 +96,7 @@ def test_defaults_and_errors():
     batch = collate_padded([ex, dict(ex)], 0)
     assert batch.weights.tolist() == [1.0, 1.0] and batch.index.tolist() == [0, 1]
     tensors = {k: torch.tensor(v) for k, v in ex.items()}
-    assert torch.equal(
-        collate_padded([tensors], 0).input_ids, collate_padded([ex], 0).input_ids
-    )
+    assert torch.equal(collate_padded([tensors], 0).input_ids, collate_padded([ex], 0).input_ids)
     with pytest.raises(ValueError, match="padding_side"):
         collate_padded([ex], 0, padding_side="middle")
     with pytest.raises(ValueError, match="pad_token_id is None"):
@@ -109,7 +107,13 @@ def test_defaults_and_errors():
 
 def test_collate_shared_layout():
     pairs = [
-        {"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9], "weight": 0.5, "index": 3},
+        {
+            "prompt_ids": [5, 6],
+            "chosen_ids": [7, 8],
+            "rejected_ids": [9],
+            "weight": 0.5,
+            "index": 3,
+        },
         {"prompt_ids": [], "chosen_ids": [4, 5], "rejected_ids": [6, 7], "weight": 1.0, "index": 4},
     ]
     b = collate_shared(pairs, 0)
