@@ -300,3 +300,159 @@ def test_sigkill_during_save(tmp_path, pause_after):
     assert latest_checkpoint(run_dir) == path
     assert not tmp.exists()
     assert load_checkpoint(path, model=model, optimizer=opt, scheduler=None).step == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Corrupt checkpoints are found, skipped and named; disk full keeps the last good one
+
+
+def _two_checkpoints(run_dir):
+    """Checkpoints at steps 1 and 2 of a real model, optimizer and schedule; the states at step 1."""
+    model, opt, sched = _setup(seed=0)
+    _train_step(model, opt, sched, 0)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, keep_last=5)
+    save_checkpoint(run_dir, TrainState(step=1), **kw)
+    at_step1 = (_params(model), copy.deepcopy(opt.state_dict()))
+    _train_step(model, opt, sched, 1)
+    save_checkpoint(run_dir, TrainState(step=2), **kw)
+    return at_step1
+
+
+def _corrupt(file: Path, how: str) -> None:
+    data = bytearray(file.read_bytes())
+    if how == "truncate":
+        file.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # one flipped byte in the middle: same size, still parses for some formats
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"]
+)
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, name, how):
+    params1, opt1 = _two_checkpoints(tmp_path)
+    bad = tmp_path / "checkpoints" / "step-00000002" / name
+    _corrupt(bad, how)
+    assert ck.verify_checkpoint(bad.parent).startswith(f"{bad}: ")
+    model, opt, sched = _setup(seed=3)
+    with pytest.raises(ck.CheckpointError, match=name):
+        load_checkpoint(bad.parent, model=model, optimizer=opt, scheduler=sched)
+
+    def load(path):
+        return load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+
+    with caplog.at_level("WARNING", logger="preftune.checkpoint"):
+        path, state = ck.load_latest_valid(tmp_path, load)
+    assert path.name == "step-00000001" and state.step == 1
+    assert f"step-00000002 cannot be resumed from: {bad}" in caplog.text
+    _assert_bitwise(_params(model), params1)
+    _assert_same_nested(opt.state_dict(), opt1)
+    assert ck.find_resumable(tmp_path).name == "step-00000001"
+
+
+def test_no_loadable_checkpoint_is_an_error_naming_the_files(tmp_path):
+    _two_checkpoints(tmp_path)
+    root = tmp_path / "checkpoints"
+    _corrupt(root / "step-00000002" / "optimizer.pt", "truncate")
+    (root / "step-00000001" / "rng.pt").unlink()
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load_latest_valid(tmp_path, lambda p: None)
+    message = str(err.value)
+    assert "step-00000002/optimizer.pt" in message and "step-00000001/rng.pt: missing" in message
+    assert "\n" not in message and isinstance(err.value, ValueError)  # exit 2 in the CLI
+    assert ck.load_latest_valid(tmp_path / "elsewhere", lambda p: None) is None  # no checkpoint
+
+
+def test_old_checkpoints_without_a_manifest_load_and_unreadable_files_are_named(tmp_path):
+    model, opt, sched = _setup(seed=0)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, keep_last=1)
+    path = save_checkpoint(tmp_path, TrainState(step=4), **kw)
+    (path / "COMPLETE").write_text("4\n")  # what checkpoints looked like before manifests
+    assert ck.verify_checkpoint(path) is None
+    model2, opt2, sched2 = _setup(seed=1)
+    assert load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2).step == 4
+    _assert_bitwise(_params(model2), _params(model))
+    _corrupt(path / "optimizer.pt", "truncate")
+    with pytest.raises(ck.CheckpointError, match=r"optimizer\.pt: unreadable"):
+        load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+
+
+def test_a_state_that_does_not_fit_is_not_called_corrupt(tmp_path):
+    _two_checkpoints(tmp_path)
+    other = torch.nn.Linear(3, 3)  # another model: applying the state fails, the files are fine
+    with pytest.raises(RuntimeError, match="state_dict") as err:
+        ck.load_latest_valid(
+            tmp_path, lambda p: load_checkpoint(p, model=other, optimizer=None, scheduler=None)
+        )
+    assert not isinstance(err.value, ck.CheckpointError)
+
+
+def test_saving_after_a_fallback_removes_the_newer_checkpoints(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model)
+    _save(tmp_path, 2, model, keep_last=1)  # resumed from step 1 (3 was corrupt), saved step 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),  # a Python write
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_disk_full_during_a_save(tmp_path, monkeypatch, failure):
+    model = torch.nn.Linear(3, 3)
+    good = _save(tmp_path, 1, model)
+    good_files = {p.name: p.read_bytes() for p in good.iterdir()}
+    real = ck._write_file
+
+    def full(path, writer):
+        if path.name == "optimizer.pt":
+            path.write_bytes(b"partial")
+            raise failure
+        real(path, writer)
+
+    monkeypatch.setattr(ck, "_write_file", full)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ck.DiskFullError) as err:
+        kw = dict(model=model, optimizer=opt, scheduler=None, keep_last=1)
+        save_checkpoint(tmp_path, TrainState(step=2), **kw)
+    root = tmp_path / "checkpoints"
+    assert str(err.value).startswith(f"no space left on {root}")
+    assert "last good checkpoint: step-00000001" in str(err.value)
+    assert [p.name for p in root.iterdir()] == ["step-00000001"]  # partial folder removed
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == good_files
+    assert ck.verify_checkpoint(good) is None
+
+
+def test_disk_full_is_recognised_through_torch_save(tmp_path, monkeypatch):
+    """torch.save reports a failed write as "unexpected pos"; writing through a Python file keeps the
+    OSError in the chain, which is what is_disk_full looks for."""
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Full(real_open(*a, **k)))
+    with pytest.raises(Exception) as err:
+        ck._torch_writer({"x": torch.ones(1000)})(tmp_path / "o.pt")
+    monkeypatch.undo()
+    assert ck.is_disk_full(err.value)
+    assert not ck.is_disk_full(RuntimeError("unexpected pos 704 vs 598"))

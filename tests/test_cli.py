@@ -382,7 +382,15 @@ def test_eval_table_and_json(capsys, tmp_path, model_dir, monkeypatch):
     calls = []
 
     def evaluate_model(
-        model, data_file, *, ref, beta, batch_size, max_length, loss="sigmoid", trust_remote_code=False
+        model,
+        data_file,
+        *,
+        ref,
+        beta,
+        batch_size,
+        max_length,
+        loss="sigmoid",
+        trust_remote_code=False,
     ):
         calls.append((model, data_file, ref, beta, batch_size, max_length))
         return {"rewards/accuracies": 0.75, "rewards/margins": 1.5, "logps/chosen": -12.0}

@@ -132,3 +132,204 @@ def test_demo_quick_writes_a_finite_report(capsys, tmp_path):
     assert report["seed"] == 1 and report["quick"] is True
     numbers = list(_numbers(report))
     assert numbers and all(math.isfinite(x) for x in numbers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing lost, nothing mixed (issue 12): resume checks what it resumes, one run per folder, a corrupt
+# checkpoint is skipped, a full disk and SIGINT end with a checkpoint to resume from. In-process.
+
+
+@pytest.fixture
+def resumable(tiny, tmp_path, capsys, monkeypatch):
+    """``go(*overrides) -> (code, err)``: `preftune train` of the tiny config into ``tmp_path/run``,
+    checkpointing every step (two steps unless told otherwise)."""
+    import logging
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    base = [f"train.output_dir={run_dir}", "train.save_every=1", "train.max_steps=2"]
+
+    def go(*overrides: str) -> tuple[int, str]:
+        logger = logging.getLogger("preftune")  # bind preftune's log lines to this capture
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        code, _, err = run(capsys, "train", str(tiny["config"]), *base, *overrides)
+        assert "Traceback" not in err
+        return code, err
+
+    go.run_dir = run_dir
+    yield go
+    logger = logging.getLogger("preftune")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+
+
+def _rows(run_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("preftune: error:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    return lines[0]
+
+
+def test_changed_settings_refuse_resume_force_records_them_more_steps_allowed(resumable, tiny):
+    assert resumable()[0] == 0
+    run_dir = resumable.run_dir
+    saved_config = (run_dir / "config.yaml").read_text()
+
+    code, err = resumable("optim.lr=0.002", "loss.beta=0.2", "train.max_steps=3")
+    assert code == 2
+    line = _error_line(err)
+    assert "optim.lr: 0.001 -> 0.002" in line and "loss.beta: 0.1 -> 0.2" in line
+    assert "train.max_steps" not in line  # a safe change is not a reason to refuse
+    assert "train.resume=force" in line and "train.output_dir" in line
+    assert (
+        run_dir / "config.yaml"
+    ).read_text() == saved_config  # the folder still says what it holds
+
+    # Other data under the same file name: refused, naming the data fact.
+    data = tiny["data"]
+    original = data.read_bytes()
+    try:
+        data.write_bytes(original.replace(b"what is 1+1?", b"what is 9+9?"))
+        code, err = resumable()
+        assert code == 2 and "facts.data" in _error_line(err)
+    finally:
+        data.write_bytes(original)
+
+    code, err = resumable(
+        "optim.lr=0.002", "loss.beta=0.2", "train.max_steps=3", "train.resume=force"
+    )
+    assert code == 0, err
+    assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3]
+    (event,) = _rows(run_dir, "resume")
+    changes = {c["key"]: c for c in event["changes"]}
+    assert event["step"] == 2
+    assert changes["optim.lr"] == {"key": "optim.lr", "old": 0.001, "new": 0.002, "safe": False}
+    assert changes["train.max_steps"]["safe"] is True
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["resume_changes"] == [event]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.002
+
+    # Training longer is a safe change: no force needed, and it is on record too.
+    code, err = resumable("optim.lr=0.002", "loss.beta=0.2", "train.max_steps=4")
+    assert code == 0, err
+    assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+    assert [c["key"] for c in _rows(run_dir, "resume")[-1]["changes"]] == [
+        "train.max_steps",
+        "train.resume",
+    ]
+
+
+def test_resume_never_into_an_existing_run_is_refused_unless_overwrite(resumable):
+    assert resumable()[0] == 0
+    run_dir = resumable.run_dir
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+    code, err = resumable("train.resume=never", "train.max_steps=1")
+    assert code == 2
+    assert "already holds a run" in _error_line(err) and "train.overwrite=true" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing pruned
+
+    code, err = resumable("train.resume=never", "train.max_steps=1", "train.overwrite=true")
+    assert code == 0, err
+    assert [r["step"] for r in _rows(run_dir)] == [1]  # a new run, nothing of the old one left
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_naming_pid_and_host(resumable):
+    import socket
+
+    from preftune.runfolder import RunLock
+
+    resumable.run_dir.mkdir()
+    with RunLock(resumable.run_dir):  # held by this (live) process, as by a run in progress
+        code, err = resumable()
+    assert code == 2
+    line = _error_line(err)
+    assert f"pid {os.getpid()}" in line and socket.gethostname() in line
+    assert sorted(p.name for p in resumable.run_dir.iterdir()) == []  # untouched, lock released
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_and_the_run_resumes(resumable):
+    assert resumable()[0] == 0
+    ckpts = resumable.run_dir / "checkpoints"
+    latest = ckpts / "step-00000002" / "model.safetensors"
+    data = bytearray(latest.read_bytes())
+    data[-8:] = bytes(8)  # same size, other bytes: only the checksum can tell
+    latest.write_bytes(bytes(data))
+
+    code, err = resumable("train.max_steps=3")
+    assert code == 0, err
+    assert "step-00000002 cannot be resumed from" in err and "model.safetensors" in err
+    assert "resumed from" in err and "step-00000001 at step 1" in err
+    assert [r["step"] for r in _rows(resumable.run_dir)] == [1, 2, 3]
+
+    for folder in ckpts.iterdir():  # every checkpoint corrupt: exit 2 naming the files
+        (folder / "optimizer.pt").write_bytes(b"garbage")
+    code, err = resumable("train.max_steps=4")
+    assert code == 2
+    assert "no checkpoint of" in _error_line(err) and "optimizer.pt" in err
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_disk_full_exits_1_naming_the_place_with_the_last_checkpoint_intact(
+    resumable, monkeypatch, where
+):
+    import errno
+
+    from preftune import checkpoint, lifecycle
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(resumable.run_dir / "x"))
+
+    if where == "checkpoint":  # the second checkpoint's first file
+        real = checkpoint._write_file
+
+        def write(path, writer):
+            if path.parent.name.startswith(".tmp-step-00000002"):
+                full()
+            return real(path, writer)
+
+        monkeypatch.setattr(checkpoint, "_write_file", write)
+    else:
+        monkeypatch.setattr(lifecycle, "save_final", full)
+    code, err = resumable()
+    assert code == 1
+    assert "no space left on" in err
+    good = "step-00000001" if where == "checkpoint" else "step-00000002"
+    assert f"last checkpoint: {resumable.run_dir / 'checkpoints' / good}" in err
+    assert checkpoint.verify_checkpoint(resumable.run_dir / "checkpoints" / good) is None
+    assert not list((resumable.run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigint_checkpoints_and_exits_130_then_resumes(resumable, monkeypatch):
+    import signal
+
+    import torch
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # Ctrl-C during step 2 of 3
+        out = real_step(self, *args, **kwargs)
+        step.calls += 1
+        if step.calls == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    step.calls = 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    code, err = resumable("train.save_every=null", "train.max_steps=3")
+    assert code == 130, err
+    assert "preftune: interrupted: stopped by SIGINT after step 2" in err
+    assert "train.resume=auto" in err
+    assert f"last checkpoint: {resumable.run_dir / 'checkpoints' / 'step-00000002'}" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    code, err = resumable("train.save_every=null", "train.max_steps=3")
+    assert code == 0, err
+    assert [r["step"] for r in _rows(resumable.run_dir)] == [1, 2, 3]

@@ -299,17 +299,64 @@ def test_max_prompt_length_must_leave_room_for_the_response():
     "item, expected",
     [
         ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
-        ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
-        ("loss.beta=0", "loss.beta: must be > 0, got 0.0"),
+        ("train.max_steps=0", "train.max_steps: must be >= 1 or null, got 0"),
+        ("loss.beta=0", "loss.beta: must be > 0 or null, got 0.0"),
+        ("loss.beta=nan", "loss.beta: must be > 0 or null, got nan"),
         ("optim.lr=-1", "optim.lr: must be > 0, got -1.0"),
         ("optim.betas=[0.9]", "optim.betas: expected two numbers, got [0.9]"),
         ("optim.warmup_ratio=1", "optim.warmup_ratio: must be in [0, 1), got 1.0"),
         ("data.eval_fraction=1.5", "data.eval_fraction: must be in [0, 1), got 1.5"),
         ("loss.name=[]", "loss.name: give at least one loss"),
+        # issue 12: optimizer values out of range trained the model the wrong way and exited 0
+        ("optim.lr=nan", "optim.lr: must be > 0, got nan"),
+        ("optim.lr=inf", "optim.lr: must be > 0, got inf"),
+        ("optim.betas=[0.9,1.0]", "optim.betas: each must be in [0, 1), got 1.0 at position 1"),
+        ("optim.betas=[-0.1,0.9]", "optim.betas: each must be in [0, 1), got -0.1 at position 0"),
+        ("optim.eps=0", "optim.eps: must be > 0, got 0.0"),
+        ("optim.weight_decay=-0.01", "optim.weight_decay: must be >= 0, got -0.01"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm: must be > 0 or null, got -1.0"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps: must be >= 0 or null, got -5"),
+        ("log.log_every=0", "log.log_every: must be >= 1, got 0"),
+        ("train.epochs=-1", "train.epochs: must be > 0, got -1.0"),
+        ("train.eval_every=0", "train.eval_every: must be >= 1 or null, got 0"),
+        ("train.save_every=-2", "train.save_every: must be >= 1 or null, got -2"),
+        ("train.eval_batch_size=0", "train.eval_batch_size: must be >= 1 or null, got 0"),
+        ("data.max_length=1", "data.max_length: must be >= 2, got 1"),
+        ("reference.batch_size=0", "reference.batch_size: must be >= 1, got 0"),
+        ("model.lora.r=0", "model.lora.r: must be >= 1, got 0"),
+        ("model.lora.dropout=1", "model.lora.dropout: must be in [0, 1), got 1.0"),
     ],
 )
 def test_range_checks(item, expected):
     assert error(over, item) == expected
+
+
+def test_non_finite_loss_settings_and_unknown_devices():
+    msg = error(over, "loss.name=cdpo", "loss.params.label_smoothing=nan")
+    assert msg == "loss.params.label_smoothing: must be a finite number, got nan"
+    msg = error(over, "loss.name=[sigmoid,sft]", "loss.weights=[1,inf]")
+    assert msg == "loss.weights: must be finite numbers, got [1.0, inf]"
+    for device in ("gpu", "cuda:x", "tpu"):
+        assert error(over, f"train.device={device}").startswith(
+            f"train.device: expected auto, cpu, cuda, cuda:N or mps, got '{device}'"
+        )
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_devices_accepted(device):
+    assert over(f"train.device={device}").train.device == device
+
+
+def test_resume_is_a_mode_or_an_existing_checkpoint(tmp_path):
+    for mode in ("auto", "never", "force"):
+        assert over(f"train.resume={mode}").train.resume == mode
+    assert error(over, "train.resume=forse").startswith(
+        "train.resume: forse not found; expected auto, never, force or a checkpoint folder"
+    )
+    assert "did you mean 'force'?" in error(over, "train.resume=forse")
+    assert "is not a complete checkpoint folder" in error(over, f"train.resume={tmp_path}")
+    (tmp_path / "COMPLETE").write_text("{}")
+    assert over(f"train.resume={tmp_path}").train.resume == str(tmp_path)
 
 
 def test_unknown_loss_param_suggests_accepted_one():

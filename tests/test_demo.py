@@ -46,6 +46,17 @@ def test_quick_demo_numbers_are_finite(quick_run: Path):
     assert "task reward, greedy" in md and "KL" in md
 
 
+def test_a_second_demo_into_the_same_folder_trains_afresh(quick_run: Path):
+    """`make demo` twice: the rerun replaces the previous demo's run folder (never resumes into it)."""
+    first = json.loads((quick_run / "report.json").read_text())
+    run_demo(str(quick_run), seed=0, quick=True)
+    second = json.loads((quick_run / "report.json").read_text())
+    assert second["runs"][0]["steps"] == 20
+    assert second["tuned"] == first["tuned"]  # the same seed trains the same model again
+    steps = [json.loads(line)["step"] for line in (quick_run / "train" / "metrics.jsonl").open()]
+    assert steps == sorted(steps) and steps[-1] == 20  # one run's rows, not two runs appended
+
+
 def test_demo_config_is_valid_and_copied():
     cfg = load_config(demo_config_path(), [f"model.path={BASE_MODEL_DIR}"])
     assert cfg.loss.name == ["sigmoid"] and cfg.loss.beta == 1.0

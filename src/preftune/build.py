@@ -49,6 +49,7 @@ __all__ = [
     "build_scheduler",
     "build_tokenizer",
     "cache_root",
+    "check_vocab",
     "load_reference_model",
     "model_source",
     "warmup_steps",
@@ -158,6 +159,24 @@ def load_reference_model(cfg: Config, device: torch.device) -> nn.Module | None:
     )
 
 
+def check_vocab(cfg: Config, tokenizer, model: nn.Module, setting: str = "model.path") -> None:
+    """A tokenizer with more tokens than the model has embeddings would index past the table (a CUDA
+    assert or a crash mid-run): a :class:`ModelError` naming both sizes, before training starts."""
+    embeddings = model.get_input_embeddings()
+    if embeddings is None or not hasattr(embeddings, "num_embeddings"):
+        return
+    n_tokens, n_rows = len(tokenizer), embeddings.num_embeddings
+    if n_tokens > n_rows:
+        where = (
+            "model.tokenizer_path" if cfg.model.tokenizer_path else "the tokenizer of model.path"
+        )
+        path = cfg.reference.path if setting == "reference.path" else cfg.model.path
+        raise ModelError(
+            f"{where} has {n_tokens} tokens but {setting} {path} has only {n_rows} embeddings; "
+            f"expected a tokenizer of at most {n_rows} tokens (the model's own)"
+        )
+
+
 def build_layout(
     cfg: Config, tokenizer, policy_model: nn.Module, ref_model: nn.Module | None = None
 ) -> Layout:
@@ -211,7 +230,8 @@ def build_reference(
     )
     key = hashlib.sha256(f"{hash_weights(source)}|{settings}".encode()).hexdigest()[:32]
     root = cache_root(cfg.reference.cache_dir)
-    cached = PrecomputedReference.load(root, key)
+    rows = {"train": len(data.train), "eval": len(data.eval) if data.eval is not None else 0}
+    cached = PrecomputedReference.load(root, key, rows=rows)
     if dist.all(cached is not None):
         log.info("reference log-probs: cache hit %s", PrecomputedReference.cache_path(root, key))
         return cached

@@ -8,16 +8,25 @@ Layout (one folder per optimizer step, zero-padded so names sort by step)::
         scheduler.pt        scheduler.state_dict()
         rng.pt              python random, numpy, torch CPU (+ CUDA) generator states
         state.json          TrainState: step counters, data position, reference cache key, extras
-        COMPLETE            written last: a folder without it is never a checkpoint
+        COMPLETE            written last: a folder without it is never a checkpoint. Its content is the
+                            manifest: the step and, for every other file, its size and CRC-32
         dcp/                FSDP runs only, instead of model.safetensors and optimizer.pt: every rank's
                             shards (torch.distributed.checkpoint), see preftune.distributed
 
 Why a temporary folder and a rename: a SIGKILL (OOM killer, pre-emption) can land anywhere in a save. All
 files go into ``checkpoints/.tmp-step-00000123-<pid>/``, each is fsynced, and only then is the folder renamed
 into place -- a directory rename is atomic on POSIX, so the latest complete checkpoint is always either the
-old one or the new one, never a half-written one. :func:`latest_checkpoint` ignores ``.tmp-*`` folders and
-folders without ``COMPLETE``; stale temporary folders of dead processes are removed by the next save. Old
-checkpoints are pruned only after the new one is in place.
+old one or the new one, never a half-written one. Stale temporary folders of dead processes are removed by
+the next save. Old checkpoints are pruned only after the new one is in place.
+
+Finding checkpoints, verifying them against their manifest and falling back from a corrupt one
+(:func:`load_latest_valid`) live in :mod:`preftune.checkpoint_files`; its names are importable from here too.
+
+A save makes its checkpoint the latest: checkpoints of a *higher* step (an abandoned continuation, e.g. one
+skipped as corrupt at resume, or one after an explicit ``train.resume=PATH``) are removed with the pruning,
+so that pruning can never remove the checkpoint just written. A save that runs out of disk space removes its
+partial folder and raises :class:`DiskFullError` ("no space left on <path>"); the previous checkpoints are
+untouched.
 
 Distributed use: only rank 0 calls :func:`save_checkpoint` (it runs no collective). Under DDP every rank
 holds the full state, so rank 0 saves its own; under FSDP the ranks first write their shards into rank 0's
@@ -29,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -40,35 +50,58 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+from preftune.checkpoint_files import (
+    CHECKPOINTS_DIR,
+    COMPLETE,
+    MODEL,
+    STATE,
+    CheckpointError,
+    DiskFullError,
+    build_manifest,
+    checkpoint_dir_name,
+    find_resumable,
+    is_disk_full,
+    json_read,
+    latest_checkpoint,
+    list_checkpoints,
+    load_latest_valid,
+    load_model_state_dict,
+    read_file,
+    save_model_file,
+    step_of,
+    torch_read,
+    verify_checkpoint,
+    verify_once,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "CheckpointError",
+    "DiskFullError",
     "TrainState",
     "capture_rng_state",
     "checkpoint_dir_name",
+    "find_resumable",
+    "is_disk_full",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_latest_valid",
     "load_model_state_dict",
     "restore_rng_state",
     "save_checkpoint",
     "staging_dir",
+    "verify_checkpoint",
 ]
 
-#: Sub-folder of the run folder that holds the checkpoints.
-CHECKPOINTS_DIR = "checkpoints"
-_COMPLETE = "COMPLETE"
-_MODEL = "model.safetensors"
+log = logging.getLogger(__name__)
+
 _OPTIMIZER = "optimizer.pt"
 _SCHEDULER = "scheduler.pt"
 _RNG = "rng.pt"
-_STATE = "state.json"
 _FORMAT_VERSION = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-.*-(\d+)$")
-#: safetensors metadata key listing the names that alias a stored tensor (tied weights).
-_ALIASES_KEY = "preftune.aliases"
 
 
 @dataclass
@@ -98,11 +131,6 @@ class TrainState:
         """Build from ``state.json`` content; unknown keys (a newer writer) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """``step-00000123``: zero-padded so that lexical and numeric order agree."""
-    return f"step-{step:08d}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,78 +187,28 @@ def restore_rng_state(d: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model state dict <-> safetensors (tied weights)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.device, t.untyped_storage().data_ptr())
-
-
-def _dedup_state_dict(
-    sd: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Store tensors that share memory once: safetensors refuses shared storage.
-
-    Exact aliases (same storage, offset, shape, strides -- e.g. a tied ``lm_head.weight``) become one entry
-    plus an alias record ``{alias: kept_name}``; tensors that merely overlap are saved as copies.
-    """
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_view: dict[tuple[Any, ...], str] = {}
-    storages: set[tuple[Any, ...]] = set()
-    for name in sorted(sd):
-        t = sd[name].detach()
-        if t.device.type == "meta":
-            raise ValueError(f"cannot checkpoint '{name}': it is on the meta device")
-        view = (*_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() > 0 and view in by_view:
-            aliases[name] = by_view[view]
-            continue
-        if t.numel() > 0 and _storage_key(t) in storages:
-            t = t.clone()  # overlapping but not identical: a private copy
-        elif t.numel() > 0:
-            by_view[view] = name
-            storages.add(_storage_key(t))
-        kept[name] = t.contiguous().cpu()
-    return kept, aliases
-
-
-def _save_model_file(path: Path, sd: dict[str, torch.Tensor]) -> None:
-    tensors, aliases = _dedup_state_dict(sd)
-    save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases), "format": "pt"})
-
-
-def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict (CPU) of a checkpoint folder, tied names restored as shared tensors.
-
-    For the distributed layer, which loads on rank 0 and broadcasts/shards itself.
-    """
-    file = Path(path) / _MODEL
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-    sd = load_file(str(file), device="cpu")
-    for alias, name in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
-        sd[alias] = sd[name]
-    return sd
-
-
-# ---------------------------------------------------------------------------------------------------
 # Atomic writing
 
 
 def _fsync_path(path: Path) -> None:
-    """fsync a file or directory so the data (or the rename) survives a crash, not only a kill."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    """fsync a file or directory so the data (or the rename) survives a crash, not only a kill.
+
+    A file's fsync error (ENOSPC, EIO: data that never reached the disk) is raised; a directory's is not
+    (some filesystems refuse fsync on directories).
+    """
+    is_dir = path.is_dir()
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0)
     try:
         fd = os.open(path, flags)
     except OSError:
+        if not is_dir:
+            raise
         return
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
+    except OSError:
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
 
@@ -242,7 +220,13 @@ def _write_file(path: Path, writer: Callable[[Path], None]) -> None:
 
 
 def _torch_writer(obj: Any) -> Callable[[Path], None]:
-    return lambda p: torch.save(obj, p)
+    def write(path: Path) -> None:
+        # Through an unbuffered Python file: a failed write (ENOSPC) then reaches us as an OSError in the
+        # exception chain; torch.save(obj, path) reports only "unexpected pos".
+        with open(path, "wb", buffering=0) as f:
+            torch.save(obj, f)
+
+    return write
 
 
 def _text_writer(text: str) -> Callable[[Path], None]:
@@ -279,25 +263,6 @@ def _remove_dir(ckpt_root: Path, p: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Public API
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (``.tmp-*`` and unmarked folders excluded)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / _COMPLETE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None (what ``resume: auto`` continues from)."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def staging_dir(run_dir: str | Path, step: int, pid: int | None = None) -> Path:
@@ -341,29 +306,40 @@ def save_checkpoint(
 
     name = checkpoint_dir_name(state.step)
     tmp = staged_dir or staging_dir(run_dir, state.step)
-    tmp.mkdir(exist_ok=staged_dir is not None)
     try:
+        tmp.mkdir(exist_ok=staged_dir is not None)
         state_json = {"format_version": _FORMAT_VERSION, **state.to_dict()}
         if model_state_dict is not None:
-            _write_file(tmp / _MODEL, lambda p: _save_model_file(p, model_state_dict))
+            _write_file(tmp / MODEL, lambda p: save_model_file(p, model_state_dict))
         if optimizer_state_dict is not None:
             _write_file(tmp / _OPTIMIZER, _torch_writer(optimizer_state_dict))
         if scheduler is not None:
             _write_file(tmp / _SCHEDULER, _torch_writer(scheduler.state_dict()))
         _write_file(tmp / _RNG, _torch_writer(capture_rng_state()))
-        _write_file(tmp / _STATE, _text_writer(json.dumps(state_json, indent=2) + "\n"))
-        _write_file(tmp / _COMPLETE, _text_writer(f"{state.step}\n"))
+        _write_file(tmp / STATE, _text_writer(json.dumps(state_json, indent=2) + "\n"))
+        manifest = json.dumps(build_manifest(tmp, state.step), indent=1) + "\n"
+        _write_file(tmp / COMPLETE, _text_writer(manifest))
         _fsync_path(tmp)
         final = root / name
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
             _remove_dir(root, final)
         os.rename(tmp, final)
         _fsync_path(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            kept = [p.name for p in list_checkpoints(run_dir)]
+            raise DiskFullError(
+                f"no space left on {root}: the checkpoint of step {state.step} was not written (its partial "
+                f"folder was removed); last good checkpoint: {kept[-1] if kept else 'none'}"
+            ) from e
         raise
 
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    # Newer steps belong to an abandoned continuation; then the oldest beyond keep_last go.
+    kept = list_checkpoints(run_dir)
+    doomed = [p for p in kept if step_of(p) > state.step]
+    older = [p for p in kept if step_of(p) <= state.step]
+    for old in doomed + older[:-keep_last]:
         with contextlib.suppress(OSError):
             _remove_dir(root, old)
     return final
@@ -383,19 +359,27 @@ def load_checkpoint(
     :func:`load_model_state_dict`). Tensors are read to CPU; ``load_state_dict`` moves them to the
     parameters' devices. Restoring the RNG states last means the caller's next draw equals the draw the
     saved run would have made next.
+
+    Every file is verified against the manifest first (once per checkpoint and process) and read before it
+    is applied: a corrupt or unreadable file raises :class:`CheckpointError` naming it; an error applying a
+    state (e.g. a model of another shape) propagates as is.
     """
     path = Path(path)
-    if not (path / _COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_COMPLETE} marker)")
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    why = verify_once(path)
+    if why is not None:
+        raise CheckpointError(why)
+    data = read_file(path / STATE, json_read)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path / STATE}: expected a JSON object")
+    data.pop("format_version", None)
+    rng = read_file(path / _RNG, torch_read)
     if model is not None and load_model_state:
         model.load_state_dict(load_model_state_dict(path), strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(
-            torch.load(path / _OPTIMIZER, map_location="cpu", weights_only=True)
-        )
+        optimizer.load_state_dict(read_file(path / _OPTIMIZER, torch_read))
     if scheduler is not None and (path / _SCHEDULER).is_file():
-        scheduler.load_state_dict(torch.load(path / _SCHEDULER, weights_only=True))
-    data = json.loads((path / _STATE).read_text(encoding="utf-8"))
-    data.pop("format_version", None)
-    restore_rng_state(torch.load(path / _RNG, weights_only=True))
+        scheduler.load_state_dict(read_file(path / _SCHEDULER, torch_read))
+    restore_rng_state(rng)
     return TrainState.from_dict(data)

@@ -10,6 +10,8 @@ import everything from here.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,11 +173,21 @@ class TrainConfig:
     eval_batch_size: int | None = _f(None, "pairs per eval batch (default: batch_size)")
     save_every: int | None = _f(None, "checkpoint every N steps (null: only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
-    resume: str = _f("auto", "auto | never | PATH of a checkpoint folder")
+    resume: str = _f(
+        "auto",
+        "auto = continue from the newest intact checkpoint if the folder has one (refused if the settings "
+        "changed) | never = start afresh | force = resume even though settings changed (recorded) | "
+        "PATH of a checkpoint folder",
+    )
+    overwrite: bool = _f(
+        False,
+        "clear a non-empty output_dir for a fresh start (never needed to resume; a folder holding files "
+        "a run does not write is never cleared)",
+    )
     skip_nonfinite: bool = _f(
         False, "skip steps with a non-finite loss or gradient instead of stopping"
     )
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
     prefix_sharing: bool | None = _f(
         None,
@@ -292,8 +304,6 @@ def validate(cfg: Config) -> None:
                 f"loss.params.{key}: not a hyperparameter of {cfg.loss.name}{suggest(key, accepted)}; "
                 f"accepted: {', '.join(accepted) or 'none besides loss.beta'}"
             )
-    if cfg.loss.beta is not None and cfg.loss.beta <= 0:
-        raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
     needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name)
     strategy = cfg.reference.strategy
     if not needs_ref and strategy not in ("auto", "none"):
@@ -307,21 +317,89 @@ def validate(cfg: Config) -> None:
         )
     if strategy == "adapter" and not cfg.model.lora.enabled:
         raise ConfigError("reference.strategy: 'adapter' needs model.lora.enabled=true")
-    for key in ("train.batch_size", "train.grad_accum", "train.keep_last", "train.chunk_size"):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {_get(cfg, key)}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError(f"train.max_steps: must be >= 1, got {cfg.train.max_steps}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
+    _check_ranges(cfg)
     if cfg.data.max_prompt_length is not None and cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be < data.max_length "
             f"({cfg.data.max_length}) so that responses keep at least one token"
         )
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    for i, beta in enumerate(cfg.optim.betas):
+        if not 0.0 <= beta < 1.0:  # NaN fails too
+            raise ConfigError(f"optim.betas: each must be in [0, 1), got {beta} at position {i}")
+    if not _DEVICE.match(cfg.train.device):
+        raise ConfigError(
+            f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.train.device!r}"
+            f"{suggest(cfg.train.device, ('auto', 'cpu', 'cuda', 'mps'))}"
+        )
+    _check_resume_setting(cfg.train.resume)
+
+
+#: (key, lowest allowed, whether the lowest is allowed, may be null). Every bound also refuses NaN and
+#: infinity: a NaN learning rate trains nothing and exits 0; an infinite one destroys the weights.
+_RANGES: tuple[tuple[str, float, bool, bool], ...] = (
+    ("train.batch_size", 1, True, False),
+    ("train.grad_accum", 1, True, False),
+    ("train.keep_last", 1, True, False),
+    ("train.chunk_size", 1, True, False),
+    ("train.max_steps", 1, True, True),
+    ("train.epochs", 0, False, False),
+    ("train.eval_every", 1, True, True),
+    ("train.save_every", 1, True, True),
+    ("train.eval_batch_size", 1, True, True),
+    ("log.log_every", 1, True, False),
+    ("optim.lr", 0, False, False),
+    ("optim.eps", 0, False, False),
+    ("optim.weight_decay", 0, True, False),
+    ("optim.max_grad_norm", 0, False, True),
+    ("optim.warmup_steps", 0, True, True),
+    ("loss.beta", 0, False, True),
+    ("data.max_length", 2, True, False),
+    ("data.max_prompt_length", 1, True, True),
+    ("reference.batch_size", 1, True, False),
+    ("model.lora.r", 1, True, False),
+    ("model.lora.alpha", 0, False, False),
+)
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, low, inclusive, nullable in _RANGES:
+        value = _get(cfg, key)
+        if value is None and nullable:
+            continue
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            low_text = f"{low:g}"
+            want = f">= {low_text}" if inclusive else f"> {low_text}"
+            if nullable:
+                want += " or null"
+            raise ConfigError(f"{key}: must be {want}, got {value}")
+    for key, lo, hi in (
+        ("data.eval_fraction", 0.0, 1.0),
+        ("optim.warmup_ratio", 0.0, 1.0),
+        ("model.lora.dropout", 0.0, 1.0),
+    ):
+        value = _get(cfg, key)
+        if not lo <= value < hi:  # NaN fails too
+            raise ConfigError(f"{key}: must be in [{lo:g}, {hi:g}), got {value}")
+    if cfg.loss.weights is not None and not all(math.isfinite(w) for w in cfg.loss.weights):
+        raise ConfigError(f"loss.weights: must be finite numbers, got {cfg.loss.weights}")
+    for name, value in cfg.loss.params.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"loss.params.{name}: must be a finite number, got {value}")
+
+
+def _check_resume_setting(resume: str) -> None:
+    """``auto | never | force`` or a checkpoint folder that exists (checked here, before any model loads)."""
+    if resume in ("auto", "never", "force"):
+        return
+    path = Path(resume).expanduser()
+    if not (path / "COMPLETE").is_file():  # preftune.checkpoint's marker of a complete checkpoint
+        what = "is not a complete checkpoint folder" if path.is_dir() else "not found"
+        raise ConfigError(
+            f"train.resume: {resume} {what}; expected auto, never, force or a checkpoint folder "
+            "(RUN/checkpoints/step-N)"
+            f"{suggest(resume, ('auto', 'never', 'force')) if not path.exists() else ''}"
+        )

@@ -5,7 +5,9 @@ ref_rejected_logps)`` for a batch of the run's :class:`~preftune.model.Layout`:
 
 - :class:`CopyReference`: a frozen copy of the starting policy (or another folder), eval mode, no grad.
 - :class:`PrecomputedReference`: log-probs computed once at θ₀ before training, cached on disk under a key
-  that hashes the reference weights, the tokenized data and the settings; the model is freed afterwards.
+  that hashes the reference weights, the tokenized data and the settings; the model is freed afterwards. The
+  file carries its key, row counts and a checksum of its values, verified on load: a corrupt, truncated or
+  mismatched file is logged and recomputed, never used.
 - :class:`AdapterReference`: with LoRA, the policy itself with its adapters disabled.
 
 Recomputing "reference" log-probs from the weights being trained is wrong after the first step and is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy as _copy
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -34,6 +37,8 @@ __all__ = [
     "hash_weights",
     "precompute_logps",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class Reference:
@@ -96,20 +101,80 @@ class PrecomputedReference(Reference):
         return Path(cache_dir) / "reference" / f"{key}.pt"
 
     @classmethod
-    def load(cls, cache_dir: Path, key: str) -> PrecomputedReference | None:
+    def load(
+        cls, cache_dir: Path, key: str, rows: dict[str, int] | None = None
+    ) -> PrecomputedReference | None:
+        """The cached tables of ``key``, or None when there are none or they cannot be trusted.
+
+        The file must hold this key, a ``[N, 2]`` float32 table per split with the ``rows`` expected
+        (when given: ``{split: number of pairs}``), and the checksum of those tables stored with them. A
+        file that fails any of this (truncated, corrupt, or well-formed but with other values) is logged
+        in one line and ignored: the caller recomputes the tables and overwrites it.
+        """
         path = cls.cache_path(cache_dir, key)
         if not path.is_file():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        why = None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch, zip and pickle errors all mean "unreadable"
+            payload, why = (
+                None,
+                f"unreadable ({' '.join(str(e).split())[:120] or type(e).__name__})",
+            )
+        if why is None:
+            why = _cache_problem(payload, key, rows)
+        if why is not None:
+            log.warning("reference log-probs cache %s: %s; recomputing", path, why)
+            return None
         return cls(payload["tables"], key)
 
     def save(self, cache_dir: Path) -> Path:
+        """Write the tables with their key, row counts and checksum, atomically."""
         path = self.cache_path(cache_dir, self.key or "unkeyed")
         path.parent.mkdir(parents=True, exist_ok=True)
+        tables = {k: v.detach().float().cpu().contiguous() for k, v in self.tables.items()}
+        payload = {
+            "key": self.key,
+            "tables": tables,
+            "rows": {k: int(v.shape[0]) for k, v in tables.items()},
+            "checksum": _tables_checksum(tables),
+        }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"tables": {k: v.cpu() for k, v in self.tables.items()}}, tmp)
+        torch.save(payload, tmp)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
         return path
+
+
+def _tables_checksum(tables: dict[str, Tensor]) -> str:
+    """SHA-256 over every split's name, shape and values: a cache with other numbers never passes."""
+    h = hashlib.sha256()
+    for split in sorted(tables):
+        t = tables[split].detach().float().cpu().contiguous()
+        h.update(f"{split}:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_problem(payload, key: str, rows: dict[str, int] | None) -> str | None:
+    """Why a loaded cache payload cannot be used, or None."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("tables"), dict):
+        return "not a reference log-prob cache"
+    if payload.get("key") != key:
+        return f"written for key {payload.get('key')!r}, not {key!r}"
+    tables = payload["tables"]
+    for split, table in tables.items():
+        ok = isinstance(table, Tensor) and table.dim() == 2 and table.shape[1] == 2
+        if not ok or table.dtype != torch.float32:
+            return f"split {split!r} is not a [N, 2] float32 table"
+    counts = {k: int(v.shape[0]) for k, v in tables.items()}
+    if payload.get("rows") != counts:
+        return f"row counts {counts} do not match the recorded {payload.get('rows')}"
+    if rows is not None and {k: n for k, n in rows.items() if n} != counts:
+        return f"row counts {counts}, expected {rows} for this data"
+    if payload.get("checksum") != _tables_checksum(tables):
+        return "its checksum does not match its contents"
+    return None
 
 
 def hash_weights(model: nn.Module) -> str:

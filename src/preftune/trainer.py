@@ -13,37 +13,29 @@ zero-weight placeholder.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from preftune import build
-from preftune.checkpoint import TrainState, latest_checkpoint
+from preftune import build, lifecycle
+from preftune.checkpoint import DiskFullError, TrainState, is_disk_full
 from preftune.config import Config, config_to_dict
 from preftune.data import batch_indices, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed
 from preftune.evaluation import StepMetrics, evaluate, micro_loss
+from preftune.lifecycle import TrainingError, TrainingInterrupted
 from preftune.model import Layout, PairBatch, resolve_device
-from preftune.tracking import MetricsLogger, ProgressBar, write_json
+from preftune.runfolder import RunFolder, check_resume, run_fingerprint, write_fingerprint
+from preftune.tracking import MetricsLogger, ProgressBar, read_metrics, write_json
 
-__all__ = ["TrainResult", "TrainingError", "train", "window_backward"]
+__all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "train", "window_backward"]
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A failure during training; ``last_checkpoint`` says where a resume would start."""
-
-    def __init__(self, message: str, last_checkpoint: Path | None = None):
-        super().__init__(message)
-        self.last_checkpoint = last_checkpoint
 
 
 @dataclass
@@ -56,17 +48,20 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    dist = init_distributed(
-        resolve_device(cfg.train.device), cfg.train.parallel, cpu_offload=cfg.train.fsdp_cpu_offload
-    )
+    device = lifecycle.check_device(resolve_device(cfg.train.device))
+    dist = init_distributed(device, cfg.train.parallel, cpu_offload=cfg.train.fsdp_cpu_offload)
     with dist.running():  # a failure names its rank; the process group is torn down at the end
-        return _train(cfg, dist)
+        if not dist.is_main:
+            return _train(cfg, dist, None)
+        # Rank 0 owns the folder: locked against a second run, and removed again (or emptied) when the
+        # run fails before its first step.
+        with RunFolder(cfg.train.output_dir) as folder:
+            return _train(cfg, dist, folder)
 
 
-def _train(cfg: Config, dist: DistContext) -> TrainResult:
+def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainResult:
     device = dist.device
     run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     autocast = build.autocast_factory(cfg, device)
     show = cfg.log.progress and dist.is_main
@@ -77,18 +72,22 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
         data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
     if len(data.train) == 0:
         raise TrainingError(f"no training pairs left after filtering (drops: {data.drops})")
-    if dist.is_main:
-        import yaml
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        write_json(run_dir / "data_drops.json", {"rows_read": data.rows_read, "drops": data.drops})
+    # Fresh start or resume, checked against the settings the run started with -- before any model loads,
+    # so that a refused resume fails in seconds. The layout and reference key are compared once known.
+    fp = run_fingerprint(cfg, lifecycle.run_facts(cfg, tokenizer, data, dist))
+    source, changes = lifecycle.open_run(cfg, run_dir, fp, folder)
+    resuming = bool(dist.broadcast_int(int(source is not None)))
 
     # Policy, then the layout (proven on the models by the setup probe), then the reference from θ₀, and
     # only then a checkpoint's weights.
     if dist.parallel == "fsdp" and cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
         raise TrainingError("model.lora.merge_on_save is not supported with train.parallel=fsdp")
     policy_model = build.build_policy_model(cfg, dist.load_device)
+    build.check_vocab(cfg, tokenizer, policy_model)
     ref_model = build.load_reference_model(cfg, dist.load_device)
+    if ref_model is not None:
+        build.check_vocab(cfg, tokenizer, ref_model, "reference.path")
     layout = build.build_layout(cfg, tokenizer, policy_model, ref_model)
     policy = layout.module(policy_model)
     reference = build.build_reference(
@@ -96,6 +95,10 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
         progress=show, dist=dist,
     )  # fmt: skip
     del ref_model
+    reference_key = getattr(reference, "key", None)
+    fp["facts"].update(layout=layout.name, reference=reference_key)
+    if dist.is_main and source is not None:
+        changes += check_resume(source, fp, force=lifecycle.forced(cfg), late=True)
     model = dist.wrap_policy(policy)  # the module the forward goes through: DDP, FSDP2 or `policy`
     loss_fn = build.build_loss_fn(cfg)
     lengths = pair_lengths(data.train)
@@ -107,17 +110,29 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
     optimizer = build.build_optimizer(cfg, policy_model)  # after wrapping: FSDP2 swaps parameters
     scheduler = build.build_scheduler(cfg, optimizer, total_steps)
 
-    state = TrainState(
-        reference_key=getattr(reference, "key", None), extra={"world_size": dist.world_size}
-    )
-    ckpt = _resume_from(cfg, run_dir)
-    if ckpt is not None:
-        state = _load(ckpt, policy_model, optimizer, scheduler, dist)
-        log.info("resumed from %s at step %d", ckpt, state.step)
-    last_ckpt = ckpt
+    state = TrainState(reference_key=reference_key, extra={"world_size": dist.world_size})
+    last_ckpt = None
+    if resuming:
+
+        def load(path: Path) -> TrainState:
+            return lifecycle.load_state(
+                path, policy_model, optimizer, scheduler, dist, reference_key, cfg
+            )
+
+        last_ckpt, state = lifecycle.restore(cfg, run_dir, dist, load)
+        log.info("resumed from %s at step %d", last_ckpt, state.step)
+    # The folder records this run once every check has passed and its state is loaded.
+    if dist.is_main:
+        import yaml
+
+        write_fingerprint(run_dir, fp)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        write_json(run_dir / "data_drops.json", {"rows_read": data.rows_read, "drops": data.drops})
 
     metrics_log = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, is_main=dist.is_main)
     metrics_log.truncate_after(state.step)
+    if changes:  # every difference from the run's start is on record, safe or forced
+        metrics_log.log(state.step, {"changes": [c.to_dict() for c in changes]}, split="resume")
     diagnostics = None
     if cfg.log.diagnostics:
         diagnostics = Diagnostics(
@@ -126,7 +141,6 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
             warmup_steps=build.warmup_steps(cfg, total_steps),
         )
     bar = ProgressBar(total=total_steps, initial=state.step, enabled=show, is_main=dist.is_main)
-    stop = _StopFlag()
 
     def run_eval() -> dict[str, float]:
         return _run_eval(
@@ -136,112 +150,130 @@ def _train(cfg: Config, dist: DistContext) -> TrainResult:
 
     window_metrics = StepMetrics(device)
     t_log, tokens_since_log = time.perf_counter(), 0
-
-    while state.step < total_steps:
-        batches = batch_indices(
-            lengths,
-            cfg.train.batch_size,
-            seed=cfg.train.seed,
-            epoch=state.epoch,
-            group_by_length=cfg.data.group_by_length,
-            rank=dist.rank,
-            world_size=dist.world_size,
-        )
-        while state.batch_in_epoch < len(batches) and state.step < total_steps:
-            window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
-            examples = [[data.train[i] for i in idx] for idx in window]
-            micro = [layout.collate(ex) if ex else placeholder for ex in examples]
-            # Throughput counts each prompt once, whatever the layout (issue 7's definition).
-            tokens_since_log += sum(
-                len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
-                for ex in examples
-                for e in ex
+    stop = lifecycle.StopFlag()
+    try:
+        while state.step < total_steps:
+            batches = batch_indices(
+                lengths,
+                cfg.train.batch_size,
+                seed=cfg.train.seed,
+                epoch=state.epoch,
+                group_by_length=cfg.data.group_by_length,
+                rank=dist.rank,
+                world_size=dist.world_size,
             )
-            n_pairs = window_backward(
-                model,
-                reference,
-                micro,
-                loss_fn,
-                layout=layout,
-                device=device,
-                autocast=autocast,
-                dist=dist,
-                metrics=window_metrics,
-            )
-            grad_norm = dist.clip_grad_norm(policy_model, cfg.optim.max_grad_norm)  # global norm
-            # One host sync per optimizer step (never per micro-step) guards the weights.
-            if not bool(torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                state.skipped_steps += 1
-                if not cfg.train.skip_nonfinite:
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {state.step + 1}; "
-                        "lower optim.lr, check model.dtype, or set train.skip_nonfinite=true",
-                        last_ckpt,
-                    )
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_metrics.add_grad_norm(grad_norm)
-            scheduler.step()
-            state.step += 1
-            state.batch_in_epoch += len(window)
-            state.pairs_seen += n_pairs
-            bar.update(1)
-
-            if state.step % cfg.log.log_every == 0 or state.step == total_steps:
-                dist.reduce_metrics(window_metrics)  # summed over ranks: logged numbers are global
-                tokens = dist.sum(tokens_since_log)
-                elapsed = time.perf_counter() - t_log
-                row = window_metrics.pop()
-                row["learning_rate"] = scheduler.get_last_lr()[0]
-                row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-                t_log, tokens_since_log = time.perf_counter(), 0
-                metrics_log.log(state.step, row)
-                bar.set_postfix(row)
-                _diagnose(diagnostics, row, "train", bar, state.step)
-            if (
-                cfg.train.eval_every
-                and state.step % cfg.train.eval_every == 0
-                and data.eval is not None
-            ):
-                run_eval()
-            stopping = dist.any(stop.requested)  # a signal on any rank stops all after this step
-            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
-                last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
-            if stopping:
-                raise TrainingError(
-                    f"stopped by {stop.signame} after step {state.step}; resume with train.resume=auto",
-                    last_ckpt,
+            while state.batch_in_epoch < len(batches) and state.step < total_steps:
+                window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
+                examples = [[data.train[i] for i in idx] for idx in window]
+                micro = [layout.collate(ex) if ex else placeholder for ex in examples]
+                # Throughput counts each prompt once, whatever the layout (issue 7's definition).
+                tokens_since_log += sum(
+                    len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                    for ex in examples
+                    for e in ex
                 )
-        if state.batch_in_epoch >= len(batches):
-            state.epoch += 1
-            state.batch_in_epoch = 0
+                n_pairs = window_backward(
+                    model,
+                    reference,
+                    micro,
+                    loss_fn,
+                    layout=layout,
+                    device=device,
+                    autocast=autocast,
+                    dist=dist,
+                    metrics=window_metrics,
+                )
+                # The global norm (over every rank's shards), clipped to optim.max_grad_norm.
+                grad_norm = dist.clip_grad_norm(policy_model, cfg.optim.max_grad_norm)
+                # One host sync per optimizer step (never per micro-step) guards the weights.
+                if not bool(torch.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += 1
+                    if not cfg.train.skip_nonfinite:
+                        raise TrainingError(
+                            f"non-finite loss or gradient at step {state.step + 1}; "
+                            "lower optim.lr, check model.dtype, or set train.skip_nonfinite=true",
+                            last_ckpt,
+                        )
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_metrics.add_grad_norm(grad_norm)
+                scheduler.step()
+                state.step += 1
+                state.batch_in_epoch += len(window)
+                state.pairs_seen += n_pairs
+                bar.update(1)
+                if folder is not None:
+                    folder.keep()  # the folder now holds results: a failure leaves it in place
 
-    final_eval = {}
-    if data.eval is not None:
-        final_eval = run_eval()
-    last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
-    bar.close()
-    final_dir = None
-    if cfg.train.save_final:
-        full_state = dist.full_state_dict(policy_model)  # FSDP: gathered to rank 0; else None
+                if state.step % cfg.log.log_every == 0 or state.step == total_steps:
+                    dist.reduce_metrics(window_metrics)  # summed over ranks: numbers are global
+                    tokens = dist.sum(tokens_since_log)
+                    elapsed = time.perf_counter() - t_log
+                    row = window_metrics.pop()
+                    row["learning_rate"] = scheduler.get_last_lr()[0]
+                    row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                    t_log, tokens_since_log = time.perf_counter(), 0
+                    metrics_log.log(state.step, row)
+                    bar.set_postfix(row)
+                    _diagnose(diagnostics, row, "train", bar, state.step)
+                if (
+                    cfg.train.eval_every
+                    and state.step % cfg.train.eval_every == 0
+                    and data.eval is not None
+                ):
+                    run_eval()
+                # A signal on any rank stops all of them after this step.
+                stopping = dist.any(stop.requested)
+                if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
+                    last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
+                if stopping:
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.signame} after step {state.step}; "
+                        "resume with train.resume=auto",
+                        last_ckpt,
+                        stop.signum,
+                    )
+            if state.batch_in_epoch >= len(batches):
+                state.epoch += 1
+                state.batch_in_epoch = 0
+
+        final_eval = {}
+        if data.eval is not None:
+            final_eval = run_eval()
+        last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
+        bar.close()
+        final_dir = None
+        if cfg.train.save_final:
+            full_state = dist.full_state_dict(policy_model)  # FSDP: gathered to rank 0; else None
+            if dist.is_main:
+                lifecycle.save_final(run_dir, policy_model, tokenizer, cfg, full_state)
+            dist.barrier()
+            final_dir = run_dir / "final"
         if dist.is_main:
-            _save_final(run_dir, policy_model, tokenizer, cfg, full_state)
-        dist.barrier()
-        final_dir = run_dir / "final"
-    if dist.is_main:
-        report = {
-            "steps": state.step,
-            "skipped_steps": state.skipped_steps,
-            "final_eval": final_eval,
-            "diagnostics": diagnostics.report() if diagnostics else [],
-            "layout": layout.facts(),
-            "drops": data.drops,
-        }
-        write_json(run_dir / "report.json", report)
-    metrics_log.close()
-    stop.restore()
+            report = {
+                "steps": state.step,
+                "skipped_steps": state.skipped_steps,
+                "final_eval": final_eval,
+                "diagnostics": diagnostics.report() if diagnostics else [],
+                "layout": layout.facts(),
+                "drops": data.drops,
+                "resume_changes": read_metrics(run_dir, split="resume"),
+            }
+            write_json(run_dir / "report.json", report)
+    except Exception as e:
+        # Disk full anywhere (a checkpoint, the final model, the metrics): the message names where, and
+        # the last complete checkpoint is intact (a save writes a temporary folder first).
+        if is_disk_full(e) and not isinstance(e, TrainingError):
+            text = (
+                str(e) if isinstance(e, DiskFullError) else lifecycle.no_space_message(e, run_dir)
+            )
+            raise TrainingError(text, last_ckpt) from e
+        raise
+    finally:
+        stop.restore()
+        metrics_log.close()
     return TrainResult(run_dir, final_dir, last_ckpt, state.step, final_eval)
 
 
@@ -297,32 +329,6 @@ def window_backward(
     return int(n_pairs)
 
 
-def _resume_from(cfg: Config, run_dir: Path) -> Path | None:
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(cfg.train.resume)
-    if not path.is_dir():
-        raise TrainingError(f"train.resume: checkpoint folder {path} not found")
-    return path
-
-
-def _load(ckpt: Path, model, optimizer, scheduler, dist: DistContext) -> TrainState:
-    try:
-        state = dist.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-    except ValueError as e:
-        raise TrainingError(str(e), ckpt) from e
-    saved = state.extra.get("world_size", 1)
-    if saved != dist.world_size:  # the data position counts per-rank micro-batches
-        raise TrainingError(
-            f"checkpoint {ckpt} was written by {saved} process(es), this run has {dist.world_size}; "
-            "resume with the same number of processes",
-            ckpt,
-        )
-    return state
-
-
 def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -> Path:
     """Collective: every rank calls it (rank 0 writes; FSDP ranks write their shards)."""
     return dist.save_checkpoint(
@@ -333,28 +339,6 @@ def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -
         scheduler=scheduler,
         keep_last=cfg.train.keep_last,
     )
-
-
-def _save_final(run_dir: Path, model, tokenizer, cfg: Config, state_dict=None) -> Path:
-    """The final model as an ordinary Hugging Face folder (adapter folder with LoRA, plus merged on request).
-
-    ``state_dict``: the full weights gathered from FSDP shards (None: the model's own).
-    """
-    import os
-    import shutil
-
-    final = run_dir / "final"
-    tmp = run_dir / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "final-merged")
-    return final
 
 
 def _run_eval(
@@ -394,23 +378,3 @@ def _diagnose(diagnostics, row, split, bar, step: int) -> None:
     findings = observe(row, step=step)
     for finding in findings:
         bar.write(format_warning(finding))
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, then stop with a resume hint."""
-
-    def __init__(self):
-        self.requested = False
-        self.signame = ""
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self.signame = signal.Signals(signum).name
-
-    def restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)

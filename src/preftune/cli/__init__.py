@@ -6,13 +6,15 @@ This module assembles the parser and owns errors and exit codes; the subcommands
 inside the subcommand that needs it, so that ``preftune --help`` answers at once.
 
 Exit codes: 0 success; 2 usage, config or data error (one line ``preftune: error: ...`` on stderr, no
-traceback); 1 a failure during training (message and the last checkpoint); 130 interrupted.
+traceback); 1 a failure during training (message and the last checkpoint); 130 interrupted (SIGINT; 143 for
+SIGTERM: both after a checkpoint, with the resume hint).
 ``PREFTUNE_DEBUG=1`` re-raises instead, with the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             preftune plot runs/dpo                         # curves of a run to a PNG
             """
         )
-        + "\n\nexit codes: 0 ok, 1 training failed, 2 usage/config/data error, 130 interrupted."
+        + "\n\nexit codes: 0 ok, 1 training failed, 2 usage/config/data error, 130 interrupted"
+        " (143: SIGTERM)."
         "\nPREFTUNE_DEBUG=1 shows tracebacks.",
     )
     from preftune import __version__
@@ -70,19 +73,33 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # Entry point
 
 
+# Modules whose errors are usage errors (exit 2): a bad model folder, a run folder that cannot be used as
+# asked (locked, another run's, changed settings), checkpoints none of which can be resumed from. Looked up
+# by module name: an error can only have been raised if its module was imported, and `--help` imports none.
+_USAGE_ERRORS = (
+    ("preftune.data", "DataError"),
+    ("preftune.model", "ModelError"),
+    ("preftune.fingerprint", "RunFolderError"),
+    ("preftune.checkpoint_files", "CheckpointError"),
+)
+
+
 def _error_kind(exc: BaseException) -> str | None:
-    """'usage' (exit 2), 'training' (exit 1) or None (a bug: let the traceback through)."""
+    """'usage' (exit 2), 'interrupted' (128 + signal), 'training' (exit 1) or None (a bug: let the
+    traceback through)."""
     if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
         return "usage"
-    # DataError / TrainingError can only have been raised if their module was imported.
-    data = sys.modules.get("preftune.data")
-    if data is not None and isinstance(exc, getattr(data, "DataError", ())):
-        return "usage"
-    model = sys.modules.get("preftune.model")
-    if model is not None and isinstance(exc, getattr(model, "ModelError", ())):
-        return "usage"
-    trainer = sys.modules.get("preftune.trainer")
+    for module, name in _USAGE_ERRORS:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(exc, getattr(mod, name, ())):
+            return "usage"
+    trainer = sys.modules.get("preftune.trainer")  # re-exports preftune.lifecycle's errors
+    if trainer is not None and isinstance(exc, getattr(trainer, "TrainingInterrupted", ())):
+        return "interrupted"
     if trainer is not None and isinstance(exc, getattr(trainer, "TrainingError", ())):
+        return "training"
+    checkpoint = sys.modules.get("preftune.checkpoint_files")
+    if checkpoint is not None and checkpoint.is_disk_full(exc):  # outside a training step too
         return "training"
     return None
 
@@ -90,6 +107,8 @@ def _error_kind(exc: BaseException) -> str | None:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"file not found: {exc.filename}"
+    if isinstance(exc, OSError) and exc.filename and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {exc.filename} ({exc.strerror})"
     text = str(exc).strip() or type(exc).__name__
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
@@ -133,10 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "usage":
             print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
+        if kind == "interrupted":  # after a checkpoint: 128 + the signal, as a shell reports it
+            print(f"{PROG}: interrupted: {_one_line(exc)}", file=sys.stderr)
+            _print_checkpoint(exc, hint=False)  # the message has the hint
+            return 128 + int(getattr(exc, "signum", 2) or 2)
         print(f"{PROG}: training failed: {_one_line(exc)}", file=sys.stderr)
-        ckpt = getattr(exc, "last_checkpoint", None)
-        if ckpt is not None:
-            print(f"last checkpoint: {ckpt} (resume with train.resume=auto)", file=sys.stderr)
-        else:
-            print("no checkpoint was saved", file=sys.stderr)
+        _print_checkpoint(exc)
         return 1
+
+
+def _print_checkpoint(exc: BaseException, *, hint: bool = True) -> None:
+    ckpt = getattr(exc, "last_checkpoint", None)
+    if ckpt is not None:
+        more = " (resume with train.resume=auto)" if hint else ""
+        print(f"last checkpoint: {ckpt}{more}", file=sys.stderr)
+    else:
+        print("no checkpoint was saved", file=sys.stderr)

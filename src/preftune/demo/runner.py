@@ -159,13 +159,15 @@ def run_demo(
     for point, cfg in zip(points, cfgs):
         sub = run_dir / "sweep" / _label(point) if sweep else run_dir
         train_dir = sub / "train"
-        shutil.rmtree(train_dir, ignore_errors=True)  # a rerun into the same folder starts afresh
         cfg.model.path = str(BASE_MODEL_DIR)
         cfg.data.train_files = [str(train_file)]
         cfg.data.eval_files = [str(heldout_file)]
         cfg.data.cache_dir = str(run_dir / "cache")
         cfg.reference.cache_dir = str(run_dir / "cache")
         cfg.train.output_dir = str(train_dir)
+        # A rerun into the same folder starts afresh: the trainer clears the previous demo run under the
+        # run-folder lock (never removing files a run does not write).
+        cfg.train.overwrite = True
         cfg.train.seed = seed
         validate(cfg)
         label = _label(point) or f"beta={_fmt_value(cfg.loss.beta)}"
