@@ -48,6 +48,12 @@ def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
         ("ipo", {"loss__beta": 0.5}),
         ("simpo", {"loss__beta": 2.0}),
         ("orpo", {}),
+        ("sigmoid_norm", {"loss__beta": 5.0}),
+        ("f_dpo", {"loss__params": {"f_divergence": "js"}}),
+        ("f_dpo", {"loss__params": {"f_divergence": "forward_kl"}}),
+        ("f_dpo", {"loss__params": {"f_divergence": "alpha", "f_alpha": 0.5}}),
+        ("aot", {}),
+        ("aot_unpaired", {}),
     ],
 )
 def test_loss_falls_and_accuracy_rises(tiny_dir, pairs_file, tmp_path, loss, extra):

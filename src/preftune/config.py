@@ -136,7 +136,10 @@ class LossConfig:
     name: list[str] = _f(["sigmoid"], "loss name or list of names (e.g. [sigmoid, sft])")
     weights: list[float] | None = _f(None, "one weight per loss name (default all 1.0)")
     beta: float | None = _f(None, "beta of the loss (default: the loss's paper default)")
-    params: dict[str, float] = _f({}, "other hyperparameters by name, e.g. {label_smoothing: 0.1}")
+    params: dict[str, float | str] = _f(
+        {},
+        "other hyperparameters by name, e.g. {label_smoothing: 0.1} or {f_divergence: js, f_alpha: 0.5}",
+    )
 
 
 @dataclass
@@ -304,6 +307,17 @@ def validate(cfg: Config) -> None:
                 f"loss.params.{key}: not a hyperparameter of {cfg.loss.name}{suggest(key, accepted)}; "
                 f"accepted: {', '.join(accepted) or 'none besides loss.beta'}"
             )
+        value = cfg.loss.params[key]
+        choices = next(
+            (LOSSES[n].choices[key] for n in cfg.loss.name if key in LOSSES[n].choices), None
+        )
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"loss.params.{key}: expected one of {', '.join(choices)}, got {value!r}"
+                f"{suggest(str(value), choices)}"
+            )
+        if choices is None and isinstance(value, str):
+            raise ConfigError(f"loss.params.{key}: expected a number, got {value!r}")
     needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name)
     strategy = cfg.reference.strategy
     if not needs_ref and strategy not in ("auto", "none"):
@@ -387,7 +401,7 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.loss.weights is not None and not all(math.isfinite(w) for w in cfg.loss.weights):
         raise ConfigError(f"loss.weights: must be finite numbers, got {cfg.loss.weights}")
     for name, value in cfg.loss.params.items():
-        if not math.isfinite(value):
+        if not isinstance(value, str) and not math.isfinite(value):
             raise ConfigError(f"loss.params.{name}: must be a finite number, got {value}")
 
 
