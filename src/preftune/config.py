@@ -299,15 +299,17 @@ def validate(cfg: Config) -> None:
             f"loss.weights: {len(cfg.loss.weights)} weights for {len(cfg.loss.name)} losses {cfg.loss.name}"
         )
     accepted = sorted({k for n in cfg.loss.name for k in LOSSES[n].defaults} - {"beta"})
-    for key in cfg.loss.params:
+    string_keys = {k for spec in LOSSES.values() for k in spec.choices}  # e.g. f_divergence
+    for key, value in cfg.loss.params.items():
         if key == "beta":
             raise ConfigError("loss.params.beta: set beta as loss.beta")
+        if isinstance(value, str) and key not in string_keys:
+            raise ConfigError(f"loss.params.{key}: expected a number, got {value!r}")
         if key not in accepted:
             raise ConfigError(
                 f"loss.params.{key}: not a hyperparameter of {cfg.loss.name}{suggest(key, accepted)}; "
                 f"accepted: {', '.join(accepted) or 'none besides loss.beta'}"
             )
-        value = cfg.loss.params[key]
         choices = next(
             (LOSSES[n].choices[key] for n in cfg.loss.name if key in LOSSES[n].choices), None
         )
@@ -316,8 +318,6 @@ def validate(cfg: Config) -> None:
                 f"loss.params.{key}: expected one of {', '.join(choices)}, got {value!r}"
                 f"{suggest(str(value), choices)}"
             )
-        if choices is None and isinstance(value, str):
-            raise ConfigError(f"loss.params.{key}: expected a number, got {value!r}")
     needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name)
     strategy = cfg.reference.strategy
     if not needs_ref and strategy not in ("auto", "none"):
