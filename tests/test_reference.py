@@ -96,3 +96,74 @@ def test_training_recomputes_a_corrupt_cache(tmp_path, monkeypatch):
     assert len(calls) == 2, "a cache with wrong values must be recomputed, not used"
     assert PrecomputedReference.load(tmp_path / "cache", cached.stem) is not None  # rewritten
     assert result.steps == 1
+
+
+# ----------------------------------------------------------------------------- TR-DPO (reference.sync)
+
+
+@pytest.fixture(scope="module")
+def sync_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sync")
+    make_tiny_llama(root / "model")
+    return root / "model", write_jsonl(root / "pairs.jsonl", toy_pairs(32, seed=3))
+
+
+def _sync_cfg(model, data, out, **over):
+    return tiny_train_config(
+        model, data, out, reference__strategy="copy", train__batch_size=4, **over
+    )
+
+
+def test_soft_sync_mixes_the_policy_into_the_reference(sync_setup, tmp_path):
+    """TR-DPO's soft update after step 2 (every=2): θ_ref = α·θ₂ + (1 − α)·θ₀, saved in the checkpoint."""
+    from safetensors.torch import load_file
+
+    from preftune.checkpoint_files import load_weights_file
+    from preftune.config import ReferenceSyncConfig
+    from preftune.trainer import train
+
+    model, data = sync_setup
+    sync = ReferenceSyncConfig(mode="soft", alpha=0.25, every=2)
+    result = train(
+        _sync_cfg(model, data, tmp_path / "run", train__max_steps=2, reference__sync=sync)
+    )
+    theta0 = load_file(model / "model.safetensors")
+    theta2 = load_file(result.final_model_dir / "model.safetensors")
+    ref = load_weights_file(result.last_checkpoint / "reference.safetensors")
+    for name, w0 in theta0.items():
+        expected = 0.25 * theta2[name] + 0.75 * w0
+        torch.testing.assert_close(ref[name], expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(ref[n], w0) for n, w0 in theta0.items())
+
+
+def test_hard_sync_resumes_bitwise(sync_setup, tmp_path):
+    """A resume restores the synced reference from the checkpoint (not θ₀): the same final weights as
+    an uninterrupted run. Without the saved reference the run after step 3 would differ."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from preftune.config import ReferenceSyncConfig
+    from preftune.trainer import train
+
+    model, data = sync_setup
+    sync = ReferenceSyncConfig(mode="hard", every=2)
+    over = {"train__max_steps": 6, "train__save_every": 3, "reference__sync": sync}
+    full = train(_sync_cfg(model, data, tmp_path / "full", **over))
+    # An interruption after step 3: only the step-3 checkpoint survives.
+    cut = tmp_path / "cut"
+    shutil.copytree(full.output_dir, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")
+    resumed = train(_sync_cfg(model, data, cut, **over))
+    wa = load_file(full.final_model_dir / "model.safetensors")
+    wb = load_file(resumed.final_model_dir / "model.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_sync_needs_the_copy_strategy():
+    from preftune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"reference\.strategy=copy"):
+        load_config(None, ["reference.sync.mode=soft", "reference.strategy=precomputed"])

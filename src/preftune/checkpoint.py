@@ -67,6 +67,7 @@ from preftune.checkpoint_files import (
     list_checkpoints,
     load_latest_valid,
     load_model_state_dict,
+    load_weights_file,
     read_file,
     save_model_file,
     step_of,
@@ -281,6 +282,7 @@ def save_checkpoint(
     keep_last: int,
     model_state_dict: dict[str, torch.Tensor] | None = None,
     optimizer_state_dict: dict[str, Any] | None = None,
+    extra_state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
     staged_dir: Path | None = None,
 ) -> Path:
     """Write a checkpoint for ``state.step`` atomically; keep the newest ``keep_last``; return its folder.
@@ -290,7 +292,8 @@ def save_checkpoint(
     distributed layer; call on rank 0 only). A ``None`` optimizer/scheduler is simply not saved.
     ``staged_dir``: the :func:`staging_dir` of this process that other ranks already wrote their shards into
     (FSDP's distributed checkpoint); it is completed and renamed into place, with no model file of its own
-    unless a model or state dict is given.
+    unless a model or state dict is given. ``extra_state_dicts``: other weights the run changes (TR-DPO's
+    reference), each written as ``<name>.safetensors``.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -311,6 +314,10 @@ def save_checkpoint(
         state_json = {"format_version": _FORMAT_VERSION, **state.to_dict()}
         if model_state_dict is not None:
             _write_file(tmp / MODEL, lambda p: save_model_file(p, model_state_dict))
+        for extra_name, extra_sd in (extra_state_dicts or {}).items():
+            _write_file(
+                tmp / f"{extra_name}.safetensors", lambda p, sd=extra_sd: save_model_file(p, sd)
+            )
         if optimizer_state_dict is not None:
             _write_file(tmp / _OPTIMIZER, _torch_writer(optimizer_state_dict))
         if scheduler is not None:
@@ -352,6 +359,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     load_model_state: bool = True,
+    extra_models: dict[str, torch.nn.Module] | None = None,
 ) -> TrainState:
     """Restore model, optimizer, scheduler and RNG states from a checkpoint folder; return its TrainState.
 
@@ -377,6 +385,11 @@ def load_checkpoint(
     rng = read_file(path / _RNG, torch_read)
     if model is not None and load_model_state:
         model.load_state_dict(load_model_state_dict(path), strict=True)
+        for extra_name, extra in (extra_models or {}).items():
+            file = path / f"{extra_name}.safetensors"
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing (the run saves its {extra_name} weights)")
+            extra.load_state_dict(load_weights_file(file), strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(read_file(path / _OPTIMIZER, torch_read))
     if scheduler is not None and (path / _SCHEDULER).is_file():

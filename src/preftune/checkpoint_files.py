@@ -43,6 +43,7 @@ __all__ = [
     "list_checkpoints",
     "load_latest_valid",
     "load_model_state_dict",
+    "load_weights_file",
     "read_file",
     "save_model_file",
     "verify_checkpoint",
@@ -186,6 +187,11 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     read raises :class:`CheckpointError` naming it.
     """
     return read_file(Path(path) / MODEL, _read_model_file)
+
+
+def load_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
+    """A weights file written by :func:`save_model_file` (tied names restored); CheckpointError if corrupt."""
+    return read_file(Path(file), _read_model_file)
 
 
 def _read_model_file(file: Path) -> dict[str, torch.Tensor]:

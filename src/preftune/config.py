@@ -140,6 +140,23 @@ class LossConfig:
         {},
         "other hyperparameters by name, e.g. {label_smoothing: 0.1} or {f_divergence: js, f_alpha: 0.5}",
     )
+    wpo_weighting: bool = _f(
+        False,
+        "WPO (Zhou et al. 2024): weight each pair by its responses' length-normalised policy "
+        "probability (detached; the paper's sampled-token alignment)",
+    )
+    ld_alpha: float | None = _f(
+        None,
+        "LD-DPO (Liu et al. 2024): scale the log-probs of the longer response's tokens beyond the "
+        "shorter one's length by this alpha in [0, 1] (policy and reference); null = off",
+    )
+
+
+@dataclass
+class ReferenceSyncConfig:
+    mode: str = _f("none", "none | soft | hard: TR-DPO reference updates from the policy")
+    alpha: float = _f(0.6, "soft: ref <- alpha * policy + (1 - alpha) * ref (TR-DPO's α)")
+    every: int = _f(512, "update the reference every N optimizer steps (TR-DPO's τ)")
 
 
 @dataclass
@@ -149,6 +166,10 @@ class ReferenceConfig:
     batch_size: int = _f(8, "pairs per batch when precomputing reference log-probs")
     cache_dir: str | None = _f(
         None, "precomputed log-prob cache (default $PREFTUNE_CACHE or ~/.cache/preftune)"
+    )
+    sync: ReferenceSyncConfig = _f(
+        ReferenceSyncConfig,
+        "TR-DPO (Gorbatovski et al. 2024): update the copy reference in training",
     )
 
 
@@ -252,6 +273,7 @@ _CHOICES = {
     "data.prompt_truncation": ("left", "right"),
     "data.on_drop": ("count", "error"),
     "reference.strategy": ("auto", "copy", "precomputed", "adapter", "none"),
+    "reference.sync.mode": ("none", "soft", "hard"),
     "optim.scheduler": ("linear", "cosine", "constant"),
     "train.parallel": ("auto", "ddp", "fsdp"),
 }
@@ -318,6 +340,7 @@ def validate(cfg: Config) -> None:
                 f"loss.params.{key}: expected one of {', '.join(choices)}, got {value!r}"
                 f"{suggest(str(value), choices)}"
             )
+    _validate_loss_options(cfg)
     needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name)
     strategy = cfg.reference.strategy
     if not needs_ref and strategy not in ("auto", "none"):
@@ -417,3 +440,34 @@ def _check_resume_setting(resume: str) -> None:
             "(RUN/checkpoints/step-N)"
             f"{suggest(resume, ('auto', 'never', 'force')) if not path.exists() else ''}"
         )
+
+
+def _validate_loss_options(cfg: Config) -> None:
+    """WPO / LD-DPO / TR-DPO: the options that apply on top of a loss, and where they cannot."""
+    from preftune.losses import LOSSES
+
+    uses = {LOSSES[n].uses for n in cfg.loss.name}
+    if cfg.loss.wpo_weighting and any(n.startswith("aot") for n in cfg.loss.name):
+        raise ConfigError(
+            "loss.wpo_weighting: AOT's terms are sorted quantiles, not pairs, so they cannot be "
+            "weighted per pair"
+        )
+    if cfg.loss.ld_alpha is not None:
+        if not 0.0 <= cfg.loss.ld_alpha <= 1.0:  # NaN fails too
+            raise ConfigError(f"loss.ld_alpha: must be in [0, 1] or null, got {cfg.loss.ld_alpha}")
+        if uses != {"sums"}:
+            raise ConfigError(
+                f"loss.ld_alpha: LD-DPO reweights summed log-probs; {cfg.loss.name} uses "
+                "length-averaged ones"
+            )
+    sync = cfg.reference.sync
+    if sync.mode != "none":
+        if resolved_reference_strategy(cfg) != "copy":
+            raise ConfigError(
+                f"reference.sync.mode: {sync.mode} updates a reference copy; it needs "
+                f"reference.strategy=copy, not {resolved_reference_strategy(cfg)}"
+            )
+        if not 0.0 < sync.alpha <= 1.0:
+            raise ConfigError(f"reference.sync.alpha: must be in (0, 1], got {sync.alpha}")
+        if sync.every < 1:
+            raise ConfigError(f"reference.sync.every: must be >= 1, got {sync.every}")

@@ -309,9 +309,21 @@ class DistContext:
     # Checkpoints
 
     def save_checkpoint(
-        self, run_dir: Path, state: TrainState, *, model, optimizer, scheduler, keep_last: int
+        self,
+        run_dir: Path,
+        state: TrainState,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        keep_last: int,
+        extra_models: dict[str, nn.Module] | None = None,
     ) -> Path:
-        """Collective: write the checkpoint of ``state.step`` (see the module docstring); its folder."""
+        """Collective: write the checkpoint of ``state.step`` (see the module docstring); its folder.
+
+        ``extra_models``: other modules whose weights change in training (TR-DPO's reference), saved beside
+        the model (FSDP: in the same distributed checkpoint)."""
+        extra_models = extra_models or {}
         final = Path(run_dir) / CHECKPOINTS_DIR / checkpoint_dir_name(state.step)
         if self.parallel != "fsdp":
             if self.is_main:
@@ -322,13 +334,14 @@ class DistContext:
                     optimizer=optimizer,
                     scheduler=scheduler,
                     keep_last=keep_last,
+                    extra_state_dicts={k: m.state_dict() for k, m in extra_models.items()},
                 )
             self.barrier()
             return final
         import shutil
 
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         tmp = staging_dir(run_dir, state.step, pid=self.broadcast_int(os.getpid()))
         if self.is_main:
@@ -336,7 +349,9 @@ class DistContext:
             tmp.mkdir(parents=True)
         self.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / _DCP_DIR)
+        sd = {"model": model_sd, "optimizer": optim_sd}
+        sd.update({f"extra.{k}": get_model_state_dict(m) for k, m in extra_models.items()})
+        dcp.save(sd, checkpoint_id=tmp / _DCP_DIR)
         self.barrier()
         if self.is_main:
             final = save_checkpoint(
@@ -351,8 +366,17 @@ class DistContext:
         self.barrier()
         return final
 
-    def load_checkpoint(self, path: Path, *, model, optimizer, scheduler) -> TrainState:
+    def load_checkpoint(
+        self,
+        path: Path,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        extra_models: dict[str, nn.Module] | None = None,
+    ) -> TrainState:
         """Every rank restores the checkpoint (FSDP: its shards, via ``torch.distributed.checkpoint``)."""
+        extra_models = extra_models or {}
         path = Path(path)
         written_by_fsdp = (path / _DCP_DIR).is_dir()
         if written_by_fsdp != (self.parallel == "fsdp"):
@@ -361,16 +385,30 @@ class DistContext:
                 f"{'fsdp' if written_by_fsdp else 'ddp or one process'}; resume with the same setting"
             )
         if self.parallel != "fsdp":
-            return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+            return load_checkpoint(
+                path,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                extra_models=extra_models,
+            )
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optimizer": optim_sd}
+        sd.update({f"extra.{k}": get_model_state_dict(m) for k, m in extra_models.items()})
         dcp.load(sd, checkpoint_id=path / _DCP_DIR)
         set_state_dict(
             model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"]
         )
+        for k, m in extra_models.items():
+            set_model_state_dict(m, sd[f"extra.{k}"])
         # Counters, schedule and RNG states last (as load_checkpoint does for one process).
         return load_checkpoint(path, model=None, optimizer=None, scheduler=scheduler)
 

@@ -152,11 +152,20 @@ def restore(cfg: Config, run_dir: Path, dist: DistContext, load) -> tuple[Path, 
 
 
 def load_state(
-    ckpt: Path, model, optimizer, scheduler, dist: DistContext, reference_key, cfg: Config
+    ckpt: Path,
+    model,
+    optimizer,
+    scheduler,
+    dist: DistContext,
+    reference_key,
+    cfg: Config,
+    extra_models: dict | None = None,
 ) -> TrainState:
     """Restore a checkpoint's states into the run's objects; refuse one of another world size or reference."""
     try:
-        state = dist.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = dist.load_checkpoint(
+            ckpt, model=model, optimizer=optimizer, scheduler=scheduler, extra_models=extra_models
+        )
     except CheckpointError:
         raise  # a corrupt file: load_latest_valid falls back to the checkpoint before
     except ValueError as e:

@@ -66,6 +66,33 @@ class CopyReference(Reference):
         out = self.layout.logps(self.module, batch)
         return out.chosen_logps, out.rejected_logps
 
+    @property
+    def weights(self) -> nn.Module:
+        """The frozen model (what a checkpoint saves when the reference is updated in training)."""
+        return unwrap_causal_lm(self.module.model)
+
+    def check_sync(self, policy: nn.Module) -> None:
+        """TR-DPO needs parameter for parameter the same shapes as the policy (not another model)."""
+        ref = {n: p.shape for n, p in self.weights.named_parameters()}
+        pol = {n: p.shape for n, p in unwrap_causal_lm(policy).named_parameters()}
+        if ref != pol:
+            differ = sorted(set(ref.items()) ^ set(pol.items()))[:3]
+            raise ValueError(
+                "reference.sync: the reference model's parameters differ from the policy's "
+                f"(e.g. {differ}); TR-DPO updates a copy of the policy"
+            )
+
+    @torch.no_grad()
+    def sync_from(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656, Eqs. 5-6): θ_ref ← α·θ + (1 − α)·θ_ref
+        (soft update); α = 1 is the hard update θ_ref ← θ."""
+        ref = dict(self.weights.named_parameters())
+        for name, p in unwrap_causal_lm(policy).named_parameters():
+            if alpha == 1.0:
+                ref[name].copy_(p.detach())
+            else:
+                ref[name].lerp_(p.detach(), alpha)
+
 
 class AdapterReference(Reference):
     """The LoRA policy with adapters disabled: the base weights are frozen, so this is π at θ₀."""

@@ -23,7 +23,7 @@ import torch
 
 from preftune import build, lifecycle
 from preftune.checkpoint import DiskFullError, TrainState, is_disk_full
-from preftune.config import Config, config_to_dict
+from preftune.config import Config, ConfigError, config_to_dict
 from preftune.data import batch_indices, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed
@@ -95,6 +95,15 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
         progress=show, dist=dist,
     )  # fmt: skip
     del ref_model
+    # TR-DPO: the reference copy follows the policy; its weights then belong in every checkpoint.
+    sync = cfg.reference.sync
+    extra_models = {}
+    if sync.mode != "none":
+        try:
+            reference.check_sync(policy_model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        extra_models = {"reference": reference.weights}
     reference_key = getattr(reference, "key", None)
     fp["facts"].update(layout=layout.name, reference=reference_key)
     if dist.is_main and source is not None:
@@ -116,7 +125,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
 
         def load(path: Path) -> TrainState:
             return lifecycle.load_state(
-                path, policy_model, optimizer, scheduler, dist, reference_key, cfg
+                path, policy_model, optimizer, scheduler, dist, reference_key, cfg, extra_models
             )
 
         last_ckpt, state = lifecycle.restore(cfg, run_dir, dist, load)
@@ -201,6 +210,8 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
                 window_metrics.add_grad_norm(grad_norm)
                 scheduler.step()
                 state.step += 1
+                if sync.mode != "none" and state.step % sync.every == 0:
+                    reference.sync_from(policy_model, 1.0 if sync.mode == "hard" else sync.alpha)
                 state.batch_in_epoch += len(window)
                 state.pairs_seen += n_pairs
                 bar.update(1)
@@ -227,7 +238,9 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
                 # A signal on any rank stops all of them after this step.
                 stopping = dist.any(stop.requested)
                 if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or stopping:
-                    last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
+                    last_ckpt = _save(
+                        run_dir, state, policy_model, optimizer, scheduler, cfg, dist, extra_models
+                    )
                 if stopping:
                     raise TrainingInterrupted(
                         f"stopped by {stop.signame} after step {state.step}; "
@@ -242,7 +255,9 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
         final_eval = {}
         if data.eval is not None:
             final_eval = run_eval()
-        last_ckpt = _save(run_dir, state, policy_model, optimizer, scheduler, cfg, dist)
+        last_ckpt = _save(
+            run_dir, state, policy_model, optimizer, scheduler, cfg, dist, extra_models
+        )
         bar.close()
         final_dir = None
         if cfg.train.save_final:
@@ -329,7 +344,9 @@ def window_backward(
     return int(n_pairs)
 
 
-def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -> Path:
+def _save(
+    run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext, extra_models=None
+) -> Path:
     """Collective: every rank calls it (rank 0 writes; FSDP ranks write their shards)."""
     return dist.save_checkpoint(
         run_dir,
@@ -338,6 +355,7 @@ def _save(run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext) -
         optimizer=optimizer,
         scheduler=scheduler,
         keep_last=cfg.train.keep_last,
+        extra_models=extra_models,
     )
 
 
