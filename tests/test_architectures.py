@@ -229,9 +229,9 @@ def test_lora_default_targets_the_familys_own_linear_layers(arch_root, name):
     policy = layout.module(model)
     batch = layout.collate(_pairs())
     pol = layout.logps(policy, batch)
-    ref_c, ref_r = AdapterReference(policy, layout).logps(batch)
-    torch.testing.assert_close(pol.chosen_logps.detach(), ref_c, rtol=0, atol=1e-6)
-    torch.testing.assert_close(pol.rejected_logps.detach(), ref_r, rtol=0, atol=1e-6)
+    ref = AdapterReference(policy, layout).logps(batch)
+    torch.testing.assert_close(pol.chosen_logps.detach(), ref.chosen_logps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pol.rejected_logps.detach(), ref.rejected_logps, rtol=0, atol=1e-6)
     (pol.chosen_logps - pol.rejected_logps).sum().backward()
     trained = [n for n, p in model.named_parameters() if p.grad is not None]
     assert trained and all("lora_" in n for n in trained)

@@ -71,7 +71,7 @@ def _qwen2(seed=0):
 def _run(module, inputs, seed=1):
     """logps, n_tokens and the parameter gradients of a fixed random linear loss on the logps."""
     module.zero_grad(set_to_none=True)
-    logps, n, _ = module(**inputs)
+    logps, n, *_ = module(**inputs)
     w = torch.randn(logps.shape, generator=torch.Generator().manual_seed(seed))
     (logps * w).sum().backward()
     grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}

@@ -38,7 +38,12 @@ def test_llama_gets_the_shared_prompt_and_says_so(caplog):
     with caplog.at_level(logging.INFO, logger="preftune"):
         layout = choose_layout(model, pad_token_id=0, chunk_size=8)
     assert layout.name == "shared_prompt" and layout.chunked_head
-    assert layout.facts() == {"name": "shared_prompt", "chunked_head": True, "notes": []}
+    assert layout.facts() == {
+        "name": "shared_prompt",
+        "chunked_head": True,
+        "extras": [],
+        "notes": [],
+    }
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("preftune")]
     assert lines == ["layout: shared prompt layout, chunked LM head"]
 

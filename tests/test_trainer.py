@@ -54,6 +54,9 @@ def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
         ("f_dpo", {"loss__params": {"f_divergence": "alpha", "f_alpha": 0.5}}),
         ("aot", {}),
         ("aot_unpaired", {}),
+        ("sigmoid", {"loss__ld_alpha": 0.5}),
+        ("sigmoid", {"loss__wpo_weighting": True}),
+        ("sigmoid", {"loss__ld_alpha": 0.5, "reference__strategy": "precomputed"}),
     ],
 )
 def test_loss_falls_and_accuracy_rises(tiny_dir, pairs_file, tmp_path, loss, extra):
@@ -70,12 +73,18 @@ def test_loss_falls_and_accuracy_rises(tiny_dir, pairs_file, tmp_path, loss, ext
     assert mean(last, "rewards/accuracies") >= 0.9, (loss, last)
 
 
-@pytest.mark.parametrize("strategy", ["copy", "precomputed", "adapter"])
-def test_every_reference_strategy_starts_at_log2(tiny_dir, pairs_file, tmp_path, strategy):
-    """At θ₀ the policy equals the reference, so h = 0 and −log σ(0) = log 2 for every pair."""
+@pytest.mark.parametrize(
+    ("strategy", "ld_alpha"),
+    [("copy", None), ("precomputed", None), ("adapter", None), ("precomputed", 0.5)],
+)
+def test_every_reference_strategy_starts_at_log2(
+    tiny_dir, pairs_file, tmp_path, strategy, ld_alpha
+):
+    """At θ₀ the policy equals the reference, so h = 0 and −log σ(0) = log 2 for every pair (with LD-DPO
+    too: the precomputed table then carries the prefix sums)."""
     from preftune.trainer import train
 
-    over = {"reference__strategy": strategy, "train__max_steps": 1}
+    over = {"reference__strategy": strategy, "train__max_steps": 1, "loss__ld_alpha": ld_alpha}
     if strategy == "adapter":
         over["model__lora"] = type(Config().model.lora)(
             enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]
@@ -110,7 +119,7 @@ def test_precomputed_cache_reused_and_invalidated(tiny_dir, tmp_path, monkeypatc
 
 def _grads_after_window(model_dir, pairs, windows, loss, weights=None):
     """fp64 gradients after one optimizer window made of the given micro-batch index lists."""
-    from preftune.build import build_loss_fn
+    from preftune.build import build_objective
     from preftune.distributed import DistContext
     from preftune.model import PaddedLayout, load_model, resolve_source
     from preftune.reference import CopyReference
@@ -128,7 +137,7 @@ def _grads_after_window(model_dir, pairs, windows, loss, weights=None):
         policy,
         reference,
         micro,
-        build_loss_fn(cfg),
+        build_objective(cfg),
         layout=layout,
         device=torch.device("cpu"),
         autocast=_null,
@@ -350,7 +359,7 @@ def test_prefix_sharing_trains_like_padded_rows(tiny_dir, pairs_file, tmp_path):
 
 def test_prefix_sharing_gradients_equal_padded_rows(tiny_dir, tmp_path):
     """One window through the shared [P|C|R] layout gives the padded layout's fp64 gradients (to 1e-6)."""
-    from preftune.build import build_loss_fn, build_tokenizer
+    from preftune.build import build_objective, build_tokenizer
     from preftune.config import DataConfig
     from preftune.data import load_preference_data
     from preftune.distributed import DistContext
@@ -388,7 +397,7 @@ def test_prefix_sharing_gradients_equal_padded_rows(tiny_dir, tmp_path):
             policy,
             reference,
             micro,
-            build_loss_fn(cfg),
+            build_objective(cfg),
             layout=layout,
             device=torch.device("cpu"),
             autocast=_null,

@@ -30,6 +30,7 @@ from preftune.model import (
     resolve_source,
 )
 from preftune.model.arch import lora_exclusions, router_aux
+from preftune.objective import Objective
 from preftune.reference import (
     AdapterReference,
     CopyReference,
@@ -43,6 +44,7 @@ __all__ = [
     "autocast_factory",
     "build_layout",
     "build_loss_fn",
+    "build_objective",
     "build_optimizer",
     "build_policy_model",
     "build_reference",
@@ -188,6 +190,7 @@ def build_layout(
         chunk_size=cfg.train.chunk_size,
         prefix_sharing=cfg.train.prefix_sharing,
         check_determinism=not cfg.model.dropout,
+        extras=build_objective(cfg).extras,
     )
 
 
@@ -226,7 +229,7 @@ def build_reference(
 
     settings = (
         f"{data.fingerprint}|{cfg.model.dtype}|{cfg.model.attn_implementation}|{device.type}|"
-        f"{layout.name}|{layout.chunked_head}"
+        f"{layout.name}|{layout.chunked_head}|{','.join(sorted(layout.extras))}"
     )
     key = hashlib.sha256(f"{hash_weights(source)}|{settings}".encode()).hexdigest()[:32]
     root = cache_root(cfg.reference.cache_dir)
@@ -260,6 +263,11 @@ def build_reference(
         log.info("reference log-probs: computed and cached at %s", path)
     dist.barrier()
     return ref
+
+
+def build_objective(cfg: Config) -> Objective:
+    """The micro-batch objective: the configured loss with its options (LD-DPO, WPO) and reduction."""
+    return Objective(build_loss_fn(cfg), ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo_weighting)
 
 
 def build_loss_fn(cfg: Config) -> Callable:

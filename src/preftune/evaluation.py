@@ -14,7 +14,7 @@ from torch import Tensor
 
 from preftune.model import Layout, SequenceLogps
 
-__all__ = ["StepMetrics", "evaluate", "evaluate_model", "micro_loss"]
+__all__ = ["StepMetrics", "evaluate", "evaluate_model"]
 
 _PAIR_KEYS = (
     "rewards/chosen",
@@ -86,22 +86,13 @@ class StepMetrics:
         return {"loss": row.pop("loss"), **row}
 
 
-def micro_loss(out, pol: SequenceLogps, batch, n_pairs: float, n_tokens: float) -> Tensor:
-    """One micro-batch's share of a window loss: the pair and token terms over the window totals, plus
-    the model's router term weighted by this micro-batch's share of the window's pairs."""
-    loss = out.reduce(n_pairs, n_tokens, weights=batch.weights)
-    if pol.aux_loss is not None:
-        loss = loss + pol.aux_loss * (batch.num_pairs / n_pairs)
-    return loss
-
-
 @torch.no_grad()
 def evaluate(
     module,
     reference,
     dataset,
     layout: Layout,
-    loss_fn,
+    objective,
     *,
     batch_size: int,
     device: torch.device,
@@ -110,7 +101,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and pair metrics over a whole split; the loss is reduced exactly as in training.
 
-    ``module`` is ``layout``'s log-prob module around the policy (or a DDP/FSDP wrapper of one).
+    ``module`` is ``layout``'s log-prob module around the policy (or a DDP/FSDP wrapper of one);
+    ``objective`` a :class:`preftune.objective.Objective` (the loss exactly as in training).
     """
     metrics = StepMetrics(device)
     n = len(dataset)
@@ -127,16 +119,9 @@ def evaluate(
             batch = batch.to(device)
             with autocast():
                 pol = layout.logps(module, batch)
-                ref_c, ref_r = reference.logps(batch, split) if reference else (None, None)
-                out = loss_fn(
-                    pol.chosen_logps,
-                    pol.rejected_logps,
-                    ref_c,
-                    ref_r,
-                    chosen_tokens=pol.chosen_tokens,
-                    rejected_tokens=pol.rejected_tokens,
-                )
-            metrics.add(micro_loss(out, pol, batch, total_pairs, total_tokens), out, pol)
+                ref = reference.logps(batch, split) if reference else None
+                loss, out = objective(pol, ref, batch, total_pairs, total_tokens)
+            metrics.add(loss, out, pol)
     finally:
         module.train(was_training)
     metrics.steps = 1
@@ -161,7 +146,7 @@ def evaluate_model(
     ``model`` and ``ref`` are model folders, .gguf files or Hub ids. Without a reference the rewards are
     β·(average log-prob) of the policy alone (as for SimPO).
     """
-    from preftune.build import build_loss_fn, build_tokenizer
+    from preftune.build import build_objective, build_tokenizer
     from preftune.config import Config
     from preftune.data import load_preference_data
     from preftune.model import choose_layout, load_model, resolve_device, resolve_source
@@ -202,7 +187,7 @@ def evaluate_model(
         reference,
         data.train,
         layout,
-        build_loss_fn(cfg),
+        build_objective(cfg),
         batch_size=batch_size,
         device=device,
         split="train",

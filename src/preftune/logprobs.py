@@ -41,6 +41,7 @@ __all__ = [
     "segment_sum",
     "selected_token_logps",
     "sequence_logps",
+    "token_log_collision",
 ]
 
 #: Tokens per LM-head chunk. 1024 x 32k vocab is a 128 MiB fp32 buffer; 1024 x 128k is 512 MiB.
@@ -283,6 +284,42 @@ def selected_token_logps(
         logit_softcap,
         chunk_size,
     )
+
+
+@torch.no_grad()
+def token_log_collision(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """``log Σ_v softmax(z)_v² = logsumexp(2z) − 2·logsumexp(z)`` per position, ``[N]``, no gradient.
+
+    The log collision probability of the next-token distribution (WPO's sampled weight alignment divides
+    each token's probability by it). Same chunking and logit transform as :func:`selected_token_logps`.
+    """
+    _validate_head_args(
+        hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcap, chunk_size
+    )
+    dtype = _compute_dtype(hidden, lm_head_weight, lm_head_bias)
+    n, vocab = hidden.shape[0], lm_head_weight.shape[0]
+    weight_t = lm_head_weight.to(dtype).t()
+    bias = None if lm_head_bias is None else lm_head_bias.to(dtype)
+    out = torch.empty(n, dtype=dtype, device=hidden.device)
+    buf = torch.empty(min(chunk_size, n), vocab, dtype=dtype, device=hidden.device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        h = hidden[start:end].to(dtype)
+        if logit_softcap is None:
+            z = _chunk_logits(buf[: end - start], h, weight_t, bias, logit_scale)
+        else:
+            z = _chunk_logits(buf[: end - start], h, weight_t, bias, logit_scale / logit_softcap)
+            z.tanh_().mul_(logit_softcap)
+        out[start:end] = torch.logsumexp(2 * z, dim=1) - 2 * torch.logsumexp(z, dim=1)
+    return out
 
 
 def chunked_sequence_logps(

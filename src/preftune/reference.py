@@ -21,19 +21,21 @@ import copy as _copy
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from preftune.data import pair_lengths
-from preftune.model import Layout, PairBatch, unwrap_causal_lm
+from preftune.model import Layout, PairBatch, SequenceLogps, unwrap_causal_lm
 
 __all__ = [
     "AdapterReference",
     "CopyReference",
     "PrecomputedReference",
     "Reference",
+    "ReferenceLogps",
     "hash_weights",
     "precompute_logps",
 ]
@@ -41,12 +43,38 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ReferenceLogps:
+    """Detached reference log-prob sums of a batch's pairs (and LD-DPO's prefix sums when computed)."""
+
+    chosen_logps: Tensor  # [B]
+    rejected_logps: Tensor  # [B]
+    chosen_prefix_logps: Tensor | None = None  # [B]
+    rejected_prefix_logps: Tensor | None = None  # [B]
+
+    @classmethod
+    def of(cls, out: SequenceLogps) -> ReferenceLogps:
+        return cls(
+            out.chosen_logps.detach(),
+            out.rejected_logps.detach(),
+            None if out.chosen_prefix_logps is None else out.chosen_prefix_logps.detach(),
+            None if out.rejected_prefix_logps is None else out.rejected_prefix_logps.detach(),
+        )
+
+    def columns(self) -> Tensor:
+        """``[B, 2]`` (chosen, rejected), or ``[B, 4]`` with the prefixes: a precomputed table's rows."""
+        cols = [self.chosen_logps, self.rejected_logps]
+        if self.chosen_prefix_logps is not None and self.rejected_prefix_logps is not None:
+            cols += [self.chosen_prefix_logps, self.rejected_prefix_logps]
+        return torch.stack(cols, dim=1)
+
+
 class Reference:
     """Interface: detached reference log-prob sums for the pairs of a collated batch."""
 
     key: str | None = None
 
-    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
+    def logps(self, batch: PairBatch, split: str = "train") -> ReferenceLogps:
         raise NotImplementedError
 
 
@@ -62,9 +90,8 @@ class CopyReference(Reference):
         self.module = layout.module(frozen)
 
     @torch.no_grad()
-    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
-        out = self.layout.logps(self.module, batch)
-        return out.chosen_logps, out.rejected_logps
+    def logps(self, batch: PairBatch, split: str = "train") -> ReferenceLogps:
+        return ReferenceLogps.of(self.layout.logps(self.module, batch))
 
     @property
     def weights(self) -> nn.Module:
@@ -104,24 +131,23 @@ class AdapterReference(Reference):
         self.layout = layout
 
     @torch.no_grad()
-    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
+    def logps(self, batch: PairBatch, split: str = "train") -> ReferenceLogps:
         with self.policy.model.disable_adapter():
-            out = self.layout.logps(self.policy, batch)
-        return out.chosen_logps, out.rejected_logps
+            return ReferenceLogps.of(self.layout.logps(self.policy, batch))
 
 
 class PrecomputedReference(Reference):
     """Reference log-probs looked up by pair index from tables computed once at θ₀."""
 
     def __init__(self, tables: dict[str, Tensor], key: str):
-        self.tables = tables  # split -> [N, 2] fp32 (chosen, rejected)
+        # split -> [N, 2] fp32 (chosen, rejected), or [N, 4] with LD-DPO's prefixes
+        self.tables = tables
         self.key = key
 
-    def logps(self, batch: PairBatch, split: str = "train") -> tuple[Tensor, Tensor]:
+    def logps(self, batch: PairBatch, split: str = "train") -> ReferenceLogps:
         table = self.tables[split]
-        rows = table[batch.index.to(table.device)]  # [B, 2]
-        device = batch.weights.device
-        return rows[:, 0].to(device), rows[:, 1].to(device)
+        rows = table[batch.index.to(table.device)].to(batch.weights.device)  # [B, 2 or 4]
+        return ReferenceLogps(*rows.unbind(1))
 
     @staticmethod
     def cache_path(cache_dir: Path, key: str) -> Path:
@@ -191,9 +217,9 @@ def _cache_problem(payload, key: str, rows: dict[str, int] | None) -> str | None
         return f"written for key {payload.get('key')!r}, not {key!r}"
     tables = payload["tables"]
     for split, table in tables.items():
-        ok = isinstance(table, Tensor) and table.dim() == 2 and table.shape[1] == 2
+        ok = isinstance(table, Tensor) and table.dim() == 2 and table.shape[1] in (2, 4)
         if not ok or table.dtype != torch.float32:
-            return f"split {split!r} is not a [N, 2] float32 table"
+            return f"split {split!r} is not a [N, 2] or [N, 4] float32 table"
     counts = {k: int(v.shape[0]) for k, v in tables.items()}
     if payload.get("rows") != counts:
         return f"row counts {counts} do not match the recorded {payload.get('rows')}"
@@ -232,14 +258,14 @@ def precompute_logps(
     indices: list[int] | None = None,
 ) -> Tensor:
     """One no-grad pass of ``module`` (``layout``'s log-prob module) over ``dataset`` (or the given
-    ``indices`` of it): table [N, 2] of log-prob sums.
+    ``indices`` of it): table [N, 2] of log-prob sums ([N, 4] with the prefix sums of LD-DPO).
 
     Pairs are visited in length order so that batches carry little padding.
     """
     from tqdm.auto import tqdm
 
     n = len(dataset)
-    table = torch.zeros(n, 2, dtype=torch.float32)
+    table = torch.zeros(n, 4 if "prefix" in layout.extras else 2, dtype=torch.float32)
     order = list(range(n)) if indices is None else list(indices)
     lengths = pair_lengths(dataset)
     order.sort(key=lambda i: lengths[i])
@@ -248,6 +274,6 @@ def precompute_logps(
         batch = layout.collate([dataset[i] for i in idx]).to(device)
         with autocast():
             out = layout.logps(module, batch)
-        rows = torch.stack([out.chosen_logps, out.rejected_logps], dim=1).float().cpu()
+        rows = ReferenceLogps.of(out).columns().float().cpu()
         table[torch.as_tensor(idx)] = rows
     return table

@@ -27,7 +27,7 @@ from preftune.config import Config, ConfigError, config_to_dict
 from preftune.data import batch_indices, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed
-from preftune.evaluation import StepMetrics, evaluate, micro_loss
+from preftune.evaluation import StepMetrics, evaluate
 from preftune.lifecycle import TrainingError, TrainingInterrupted
 from preftune.model import Layout, PairBatch, resolve_device
 from preftune.runfolder import RunFolder, check_resume, run_fingerprint, write_fingerprint
@@ -109,7 +109,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
     if dist.is_main and source is not None:
         changes += check_resume(source, fp, force=lifecycle.forced(cfg), late=True)
     model = dist.wrap_policy(policy)  # the module the forward goes through: DDP, FSDP2 or `policy`
-    loss_fn = build.build_loss_fn(cfg)
+    objective = build.build_objective(cfg)
     lengths = pair_lengths(data.train)
     # A stand-in for an empty share of a batch on this rank: the shortest pair with weight 0.
     placeholder = layout.placeholder(data.train[min(range(len(lengths)), key=lengths.__getitem__)])
@@ -153,7 +153,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
 
     def run_eval() -> dict[str, float]:
         return _run_eval(
-            model, reference, data.eval, layout, loss_fn, cfg, device, autocast, state,
+            model, reference, data.eval, layout, objective, cfg, device, autocast, state,
             metrics_log, diagnostics, bar,
         )  # fmt: skip
 
@@ -185,7 +185,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
                     model,
                     reference,
                     micro,
-                    loss_fn,
+                    objective,
                     layout=layout,
                     device=device,
                     autocast=autocast,
@@ -300,7 +300,7 @@ def window_backward(
     model,
     reference,
     micro: list[PairBatch],
-    loss_fn,
+    objective,
     *,
     layout: Layout,
     device,
@@ -327,16 +327,8 @@ def window_backward(
         batch = batch.to(device, non_blocking=True)
         with dist.grad_sync(model, sync=i == len(micro) - 1), autocast():
             pol = layout.logps(model, batch)
-            ref_c, ref_r = reference.logps(batch) if reference else (None, None)
-            out = loss_fn(
-                pol.chosen_logps,
-                pol.rejected_logps,
-                ref_c,
-                ref_r,
-                chosen_tokens=pol.chosen_tokens,
-                rejected_tokens=pol.rejected_tokens,
-            )
-            loss = micro_loss(out, pol, batch, n_pairs, n_tokens)
+            ref = reference.logps(batch) if reference else None
+            loss, out = objective(pol, ref, batch, n_pairs, n_tokens)
             # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
             (loss * dist.world_size).backward()
         if metrics is not None and not batch.placeholder:
@@ -364,7 +356,7 @@ def _run_eval(
     reference,
     dataset,
     layout,
-    loss_fn,
+    objective,
     cfg,
     device,
     autocast,
@@ -378,7 +370,7 @@ def _run_eval(
         reference,
         dataset,
         layout,
-        loss_fn,
+        objective,
         batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
         device=device,
         autocast=autocast,

@@ -15,7 +15,7 @@ why, before any training step.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -41,12 +41,12 @@ class Layout:
 
     name = ""
 
-    def __init__(self, *, pad_token_id: int, chunk_size: int):
+    def __init__(self, *, pad_token_id: int, chunk_size: int, extras: Iterable[str] = ()):
         self.pad_token_id = pad_token_id
         self.chunk_size = chunk_size
-        self.notes: list[
-            str
-        ] = []  # why this layout (fallback reasons), for the log line and report
+        self.extras = frozenset(extras)  # what the modules compute beside the sums (forward.EXTRAS)
+        # Why this layout (fallback reasons), for the log line and the report.
+        self.notes: list[str] = []
 
     def collate(self, examples: Sequence[dict]) -> PairBatch:
         raise NotImplementedError
@@ -74,7 +74,12 @@ class Layout:
 
     def facts(self) -> dict:
         """What ``report.json`` records about the layout."""
-        return {"name": self.name, "chunked_head": self.chunked_head, "notes": list(self.notes)}
+        return {
+            "name": self.name,
+            "chunked_head": self.chunked_head,
+            "extras": sorted(self.extras),
+            "notes": list(self.notes),
+        }
 
 
 class PaddedLayout(Layout):
@@ -89,8 +94,9 @@ class PaddedLayout(Layout):
         chunk_size: int,
         chunked_head: bool = True,
         padding_side: str = "right",
+        extras: Iterable[str] = (),
     ):
-        super().__init__(pad_token_id=pad_token_id, chunk_size=chunk_size)
+        super().__init__(pad_token_id=pad_token_id, chunk_size=chunk_size, extras=extras)
         self._chunked_head = chunked_head
         self.padding_side = padding_side
 
@@ -102,7 +108,9 @@ class PaddedLayout(Layout):
         return collate_padded(examples, self.pad_token_id, padding_side=self.padding_side)
 
     def module(self, model: nn.Module) -> PaddedLogps:
-        return PaddedLogps(model, chunk_size=self.chunk_size, chunked_head=self._chunked_head)
+        return PaddedLogps(
+            model, chunk_size=self.chunk_size, chunked_head=self._chunked_head, extras=self.extras
+        )
 
 
 class SharedPromptLayout(Layout):
@@ -110,8 +118,15 @@ class SharedPromptLayout(Layout):
 
     name = "shared_prompt"
 
-    def __init__(self, *, pad_token_id: int, chunk_size: int, attention_layers: int):
-        super().__init__(pad_token_id=pad_token_id, chunk_size=chunk_size)
+    def __init__(
+        self,
+        *,
+        pad_token_id: int,
+        chunk_size: int,
+        attention_layers: int,
+        extras: Iterable[str] = (),
+    ):
+        super().__init__(pad_token_id=pad_token_id, chunk_size=chunk_size, extras=extras)
         self.attention_layers = attention_layers
 
     def collate(self, examples: Sequence[dict]) -> PairBatch:
@@ -120,7 +135,10 @@ class SharedPromptLayout(Layout):
     def module(self, model: nn.Module) -> SharedPromptLogps:
         prepare_shared(model)
         return SharedPromptLogps(
-            model, chunk_size=self.chunk_size, attention_layers=self.attention_layers
+            model,
+            chunk_size=self.chunk_size,
+            attention_layers=self.attention_layers,
+            extras=self.extras,
         )
 
 
@@ -131,12 +149,14 @@ def choose_layout(
     chunk_size: int,
     prefix_sharing: bool | None = None,
     check_determinism: bool = True,
+    extras: Iterable[str] = (),
 ) -> Layout:
     """The run's layout for ``model`` (and ``others`` that must run it too: a separate reference model).
 
     ``prefix_sharing``: None = shared where the probe proves it exact for every model, True = required (a
     :class:`ModelError` naming the model and the reason when it is not exact), False = padded rows.
     ``check_determinism``: first require bitwise-equal training-mode forwards (dropout really off).
+    ``extras``: what the log-prob modules compute beside the sums (``forward.EXTRAS``: the loss options).
     """
     if check_determinism:
         check_deterministic(model, chunk_size=chunk_size, pad_token_id=pad_token_id)
@@ -158,7 +178,7 @@ def choose_layout(
     if not report.sharing:
         for m in (model, *others):
             restore_attention(m)
-    layout = _from_report(report, pad_token_id=pad_token_id, chunk_size=chunk_size)
+    layout = _from_report(report, pad_token_id=pad_token_id, chunk_size=chunk_size, extras=extras)
     if prefix_sharing is False:
         layout.notes.append("train.prefix_sharing=false")
     log.info("layout: %s", layout.describe())
@@ -180,17 +200,23 @@ def _combine(a: ProbeReport, b: ProbeReport) -> ProbeReport:
     )
 
 
-def _from_report(report: ProbeReport, *, pad_token_id: int, chunk_size: int) -> Layout:
+def _from_report(
+    report: ProbeReport, *, pad_token_id: int, chunk_size: int, extras: Iterable[str]
+) -> Layout:
     layout: Layout
     if report.sharing:
         layout = SharedPromptLayout(
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
             attention_layers=report.attention_layers,
+            extras=extras,
         )
     else:
         layout = PaddedLayout(
-            pad_token_id=pad_token_id, chunk_size=chunk_size, chunked_head=report.chunked_head
+            pad_token_id=pad_token_id,
+            chunk_size=chunk_size,
+            chunked_head=report.chunked_head,
+            extras=extras,
         )
         if report.sharing_note:
             layout.notes.append(f"prompt not shared: {report.sharing_note}")
