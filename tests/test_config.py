@@ -216,7 +216,7 @@ def test_override_of_a_section_or_without_equals():
         ),
         ({"loss": {"weights": [1, "x"]}}, "loss.weights[1]: expected a number, got 'x'"),
         ({"loss": {"params": [1]}}, "loss.params: expected a mapping"),
-        ({"data": {"train_files": None}}, "data.train_files: expected a list, got null"),
+        ({"data": {"train_files": "[a"}}, "data.train_files"),
         ({"model": 3}, "model: expected a mapping, got 3"),
         ({"model": {"lora": True}}, "model.lora: expected a mapping, got True"),
     ],
@@ -389,3 +389,120 @@ def test_example_configs_use_paper_defaults():
     assert cfgs["orpo"].loss.params == {"orpo_lambda": 0.1} and cfgs["orpo"].optim.lr == 5e-6
     assert cfgs["lora-dpo"].reference.strategy == "adapter" and cfgs["lora-dpo"].model.lora.enabled
     assert cfgs["rpo"].loss.name == ["sigmoid", "sft"] and cfgs["rpo"].loss.weights == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names from other tools, null, settings that exclude each other, data sources
+
+
+def test_dpo_is_an_alias_of_sigmoid_recorded_as_sigmoid(tmp_path, caplog):
+    from preftune.config import LossConfig, validate
+
+    caplog.set_level("INFO", logger="preftune.config")
+    assert over("loss.name=dpo").loss.name == ["sigmoid"]
+    assert "'dpo' is an alias of 'sigmoid'" in caplog.text
+    cfg = load_config(write(tmp_path, {"loss": {"name": ["dpo", "sft"], "weights": [1, 0.5]}}))
+    assert config_to_dict(cfg)["loss"]["name"] == ["sigmoid", "sft"]
+    built = Config(loss=LossConfig(name=["dpo"]))  # the Python API: validate resolves it too
+    validate(built)
+    assert built.loss.name == ["sigmoid"]
+
+
+@pytest.mark.parametrize(
+    "item, suggestion",
+    [
+        ("model.lora.rank=8", "model.lora.r"),
+        ("model.lora.lora_alpha=16", "model.lora.alpha"),
+        ("learning_rate=1e-6", "optim.lr"),
+        ("per_device_train_batch_size=4", "train.batch_size"),
+        ("gradient_accumulation_steps=2", "train.grad_accum"),
+        ("loss_type=ipo", "loss.name"),
+    ],
+)
+def test_names_from_trl_and_peft_suggest_ours(item, suggestion):
+    assert error(over, item) == f"unknown key '{item.split('=')[0]}' (did you mean '{suggestion}'?)"
+
+
+def test_hints_apply_in_yaml_and_inside_list_entries(tmp_path):
+    msg = error(load_config, write(tmp_path, {"model": {"lora": {"rank": 8}}}))
+    assert msg == "unknown key 'model.lora.rank' (did you mean 'model.lora.r'?)"
+    data = {"data": {"sources": [{"path": "a.jsonl"}, {"path": "org/x", "name": "cfg"}]}}
+    msg = error(load_config, write(tmp_path, data))
+    assert msg == "unknown key 'data.sources[1].name' (did you mean 'data.sources[1].config'?)"
+
+
+def test_eval_files_after_eval_fraction_the_later_wins(tmp_path, caplog):
+    caplog.set_level("INFO", logger="preftune.config")
+    path = write(tmp_path, {"data": {"eval_fraction": 0.02}})
+    cfg = load_config(path, ["data.eval_files=[held.jsonl]"])
+    assert cfg.data.eval_files == ["held.jsonl"] and cfg.data.eval_fraction == 0.0
+    assert (
+        "data.eval_files set after data.eval_fraction=0.02: the later setting wins" in caplog.text
+    )
+    cfg = load_config(path, ["data.eval_files=[held.jsonl]", "data.eval_fraction=0.1"])
+    assert cfg.data.eval_files == [] and cfg.data.eval_fraction == 0.1
+    cfg = load_config(path, ["data.eval_sources=[{path: held.jsonl}]"])
+    assert cfg.data.eval_fraction == 0.0 and cfg.data.eval_sources[0].path == "held.jsonl"
+    both = write(tmp_path, {"data": {"eval_fraction": 0.1, "eval_files": ["h.jsonl"]}}, "both.yaml")
+    msg = error(load_config, both)
+    assert msg.startswith("data.eval_files and data.eval_fraction: set one") and "\n" not in msg
+
+
+def test_null_resets_a_setting_to_its_default(tmp_path):
+    cfg = load_config(
+        write(tmp_path, {"data": {"eval_fraction": 0.02}}), ["data.eval_fraction=null"]
+    )
+    assert cfg.data.eval_fraction == 0.0
+    assert over("data.eval_files=[a.jsonl]", "data.eval_files=null").data.eval_files == []
+    assert over("train.batch_size=4", "train.batch_size=~").train.batch_size == 8
+    assert over("reference.strategy=none", "loss.name=simpo").reference.strategy == "none"
+    yaml_null = load_config(write(tmp_path, "data:\n  eval_files:\n  train_files: null\n"))
+    assert yaml_null.data.eval_files == [] and yaml_null.data.train_files == []
+
+
+def test_data_sources_from_yaml_and_overrides(tmp_path):
+    data = {
+        "data": {
+            "train_files": ["base.jsonl"],
+            "sources": [
+                {"path": "extra.parquet", "fraction": 0.3, "prompt_column": "question"},
+                {"path": "org/prefs", "split": "train_prefs", "max_rows": 100, "shape": "implicit"},
+            ],
+        }
+    }
+    cfg = load_config(write(tmp_path, data), ["data.sources[1].max_rows=50"])
+    first, second = cfg.data.sources
+    assert (first.fraction, first.prompt_column, first.chosen_column) == (0.3, "question", None)
+    assert (second.split, second.max_rows, second.shape) == ("train_prefs", 50, "implicit")
+    assert config_from_dict(yaml.safe_load(format_config(cfg))) == cfg  # printed config reads back
+    assert "{path: extra.parquet, fraction: 0.3, prompt_column: question}" in format_config(cfg)
+    cfg = over(
+        "data.sources=[{path: a.jsonl, max_rows: 5}, {path: b.jsonl}]", "data.sources[1]={path: c}"
+    )
+    assert [s.path for s in cfg.data.sources] == ["a.jsonl", "c"]
+    assert config_to_dict(cfg)["data"]["sources"][0]["max_rows"] == 5
+
+
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("data.sources=[{path: a, fraction: 0}]", "data.sources[0].fraction: must be in (0, 1]"),
+        ("data.sources=[{path: a, fraction: 1.5}]", "data.sources[0].fraction: must be in (0, 1]"),
+        ("data.sources=[{path: a, max_rows: 0}]", "data.sources[0].max_rows: must be >= 1"),
+        ("data.sources=[{path: a, shape: chat}]", "data.sources[0].shape: expected one of auto"),
+        ("data.eval_sources=[{fraction: 0.5}]", "data.eval_sources[0].path: give a file"),
+        (
+            "data.sources=[{path: a, max_rows: many}]",
+            "data.sources[0].max_rows: expected an integer",
+        ),
+        ("data.sources=[a.jsonl]", "data.sources[0]: expected a mapping, got 'a.jsonl'"),
+        ("data.sources=[{path: a, prompt_column: ''}]", "data.sources[0].prompt_column: give a"),
+        (
+            "data.sources[2].fraction=0.5",
+            "data.sources[2]: no such entry; 'sources' has no entries",
+        ),
+        ("data.train_files=[a", "data.train_files: not valid YAML"),
+    ],
+)
+def test_data_source_errors_name_the_entry(item, expected):
+    assert error(over, item).startswith(expected)

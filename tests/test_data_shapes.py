@@ -131,9 +131,13 @@ def test_conversational_render_is_prompt_plus_response():
             {"prompt": _msgs(("user", "q")), "chosen": _msgs(("user", "a")), "rejected": "b"},
             r"line 7: field 'chosen' must start with an assistant message",
         ),
+        (  # a string prompt is one user message; other types are not messages
+            {"prompt": 3, "chosen": "a", "rejected": "b"},
+            r"line 7: field 'prompt' must be a list of \{role, content\} messages, got int",
+        ),
         (
-            {"prompt": "q", "chosen": "a", "rejected": "b"},
-            r"line 7: field 'prompt' must be a list of \{role, content\} messages, got str",
+            {"prompt": " ", "chosen": "a", "rejected": "b"},
+            r"line 7: field 'prompt' is empty; expected the user's message",
         ),
         (
             {"prompt": [], "chosen": "a", "rejected": "b"},

@@ -3,6 +3,7 @@ LD-DPO and WPO applied as the papers define them, the router term weighted by th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -102,3 +103,100 @@ def test_router_term_is_weighted_by_the_micro_batch_share_of_pairs():
 def test_extras_follow_the_options():
     assert Objective(SIGMOID).extras == ()
     assert Objective(SIGMOID, ld_alpha=0.5, wpo=True).extras == ("prefix", "collision")
+
+
+# ----------------------------------------------------------------------------- KTO on unpaired rows
+
+
+def _unpaired_rows(n: int = 6) -> list[dict]:
+    """Rows shaped as the data layer gives them: chosen_ids = the completion, rejected_ids = the
+    completion of the next row's prompt (its KL row), label = desirable."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [
+        torch.randint(3, 49, (int(k),), generator=g).tolist() for k in (3, 5, 2, 4, 6, 3)[:n]
+    ]
+    completions = [
+        torch.randint(3, 49, (int(k),), generator=g).tolist() for k in (4, 2, 5, 3, 1, 6)[:n]
+    ]
+    return [
+        {
+            "prompt_ids": prompts[i],
+            "chosen_ids": completions[i],
+            "rejected_ids": completions[(i + 1) % n],
+            "label": i % 3 != 0,
+            "weight": 1.0,
+            "index": i,
+        }
+        for i in range(n)
+    ]
+
+
+def _kto_grads(tiny_dir, rows, windows, shared: bool):
+    import copy
+
+    from preftune.distributed import DistContext
+    from preftune.model import PaddedLayout, SharedPromptLayout, load_model, resolve_source
+    from preftune.objective import KTOObjective
+    from preftune.reference import CopyReference
+    from preftune.trainer import window_backward
+
+    model = load_model(resolve_source(tiny_dir), device=torch.device("cpu")).double()
+    if shared:
+        layout = SharedPromptLayout(pad_token_id=0, chunk_size=4, attention_layers=2)
+    else:
+        layout = PaddedLayout(pad_token_id=0, chunk_size=4)
+    reference = CopyReference(copy.deepcopy(model), layout)
+    torch.manual_seed(0)
+    with torch.no_grad():  # off θ₀, so that r and z₀ are not all zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    policy = layout.module(model)
+    micro = [layout.collate([rows[i] for i in idx]) for idx in windows]
+    objective = KTOObjective(beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    window_backward(
+        policy, reference, micro, objective, layout=layout, device=torch.device("cpu"),
+        autocast=contextlib.nullcontext, dist=DistContext(),
+    )  # fmt: skip
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from _tiny import make_tiny_llama
+
+    out = tmp_path_factory.mktemp("kto-llama")
+    make_tiny_llama(out)
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_kto_accumulation_equals_one_big_batch(tiny_dir, shared):
+    """z₀ is the mean over every KL row of the step, computed before the first backward: 3 + 1 + 2 rows
+    give the gradient of one batch of 6 (fp64, 1e-10). A per-micro-batch z₀ (TRL's) would fail this."""
+    rows = _unpaired_rows()
+    big = _kto_grads(tiny_dir, rows, [[0, 1, 2, 3, 4, 5]], shared)
+    small = _kto_grads(tiny_dir, rows, [[0, 1, 2], [3], [4, 5]], shared)
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-10, atol=1e-10, msg=name)
+    assert any(g.abs().sum() > 0 for g in big.values())
+
+
+def test_kto_at_the_reference_is_half_the_weight():
+    """At θ₀: r = 0 and z₀ = max(0, 0) = 0, so every row's term is λ·σ(0) = λ/2: with λ_D = 1 for 4
+    desirable rows and λ_U = 1.5 for 2 undesirable ones, the mean is (4·0.5 + 2·0.75) / 6 = 7/12."""
+    from preftune.objective import KTOObjective
+    from preftune.reference import ReferenceLogps
+
+    logps = torch.tensor([-3.0, -2.0, -4.0, -1.0, -5.0, -2.5], dtype=torch.float64)
+    pol = SequenceLogps(logps, logps.flip(0), torch.ones(6), torch.ones(6))
+    ref = ReferenceLogps(logps.clone(), logps.flip(0))
+    batch = PairBatch(
+        weights=torch.ones(6), index=torch.arange(6), labels=torch.tensor([1, 1, 0, 1, 0, 1]).bool()
+    )
+    objective = KTOObjective(beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)
+    window = objective.prepare([batch], lambda b: (pol, ref), lambda t: t)
+    assert window.tolist() == [0.0, 6.0]  # Σ (logp_θ − logp_ref) over the KL rows, count
+    loss, out = objective(pol, ref, batch, 6.0, 1.0, window)
+    assert float(loss) == pytest.approx(7 / 12, abs=1e-12)
+    metrics = objective.metrics(out, pol, batch)
+    assert float(metrics["kl"][0]) == 0.0 and float(metrics["rewards/desirable"][1]) == 4.0

@@ -18,7 +18,7 @@ from torch import nn
 from preftune.config import Config, resolved_reference_strategy
 from preftune.data import pair_lengths
 from preftune.distributed import DistContext
-from preftune.losses import compute_loss
+from preftune.losses import UNPAIRED_LOSSES, compute_loss
 from preftune.model import (
     Layout,
     ModelError,
@@ -30,7 +30,7 @@ from preftune.model import (
     resolve_source,
 )
 from preftune.model.arch import lora_exclusions, router_aux
-from preftune.objective import Objective
+from preftune.objective import KTOObjective, Objective
 from preftune.reference import (
     AdapterReference,
     CopyReference,
@@ -265,8 +265,14 @@ def build_reference(
     return ref
 
 
-def build_objective(cfg: Config) -> Objective:
-    """The micro-batch objective: the configured loss with its options (LD-DPO, WPO) and reduction."""
+def build_objective(cfg: Config) -> Objective | KTOObjective:
+    """The micro-batch objective: the configured loss with its options (LD-DPO, WPO) and reduction, or
+    KTO's on unpaired rows."""
+    if cfg.loss.name[0] in UNPAIRED_LOSSES:  # validated: an unpaired loss stands alone
+        hparams = {**UNPAIRED_LOSSES[cfg.loss.name[0]].defaults, **cfg.loss.params}
+        if cfg.loss.beta is not None:
+            hparams["beta"] = cfg.loss.beta
+        return KTOObjective(**{k: float(v) for k, v in hparams.items()})
     return Objective(build_loss_fn(cfg), ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo_weighting)
 
 

@@ -3,28 +3,39 @@
 Every field carries a one-line ``help`` so that ``preftune train --print-config`` can document the resolved
 config. Unknown keys and ill-typed values raise :class:`ConfigError` naming the key and suggesting the
 closest valid one; cross-field rules (a reference-free loss with a reference configured, ...) are checked in
-:func:`validate`. The generic coercion, override and YAML machinery lives in :mod:`preftune._configio`;
-import everything from here.
+:func:`validate`. The generic coercion, override and YAML machinery lives in :mod:`preftune._configio`,
+the ``data`` section (`DataConfig`, its `SourceConfig` entries and their checks) in
+:mod:`preftune.data.spec`; import everything from here. Names other tools use are hinted (`KEY_HINTS`: a
+``model.lora.rank`` suggests ``model.lora.r``) or resolved (`LOSS_ALIASES`: ``loss.name=dpo`` is sigmoid).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from preftune._configio import (
     ConfigError,
-    apply_overrides,
     build,
     config_to_dict,
     format_config,
     read_yaml_mapping,
+    setting,
     suggest,
+)
+from preftune._configio import apply_overrides as _apply_overrides
+from preftune.data.spec import (
+    EXCLUSIVE,
+    FORMAT_CHOICES,
+    SHAPE_CHOICES,
+    DataConfig,
+    SourceConfig,
+    check_data,
 )
 
 __all__ = [
@@ -37,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ReferenceConfig",
+    "SourceConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
@@ -48,12 +60,7 @@ __all__ = [
 ]
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+_f = setting
 
 
 @dataclass
@@ -99,36 +106,6 @@ class ModelConfig:
     dropout: bool = _f(False, "keep the model's dropout on (off by default, as in the DPO paper)")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the model folder")
     lora: LoraConfig = _f(LoraConfig, "LoRA settings")
-
-
-@dataclass
-class DataConfig:
-    train_files: list[str] = _f(
-        [], "training files or globs (jsonl, json, csv, parquet, datasets folder)"
-    )
-    eval_files: list[str] = _f(
-        [], "evaluation files or globs (default: split eval_fraction off train)"
-    )
-    eval_fraction: float = _f(
-        0.0, "share of train pairs held out for evaluation when no eval_files"
-    )
-    format: str = _f("auto", "auto | jsonl | json | csv | parquet | arrow")
-    shape: str = _f("auto", "auto | standard | conversational | implicit")
-    prompt_column: str = _f("prompt", "column holding the prompt")
-    chosen_column: str = _f("chosen", "column holding the preferred response")
-    rejected_column: str = _f("rejected", "column holding the dispreferred response")
-    weight_column: str | None = _f(None, "optional per-pair weight column")
-    max_length: int = _f(1024, "max tokens of prompt + one response")
-    max_prompt_length: int | None = _f(512, "max prompt tokens (truncated before the responses)")
-    prompt_truncation: str = _f(
-        "left", "left keeps the end of a long prompt, right keeps its start"
-    )
-    add_eos: bool = _f(True, "append EOS to string responses")
-    on_drop: str = _f("count", "count | error: what to do with pairs dropped by policy")
-    cache_dir: str | None = _f(
-        None, "tokenized-data cache (default $PREFTUNE_CACHE or ~/.cache/preftune)"
-    )
-    group_by_length: bool = _f(False, "batch pairs of similar length to cut padding")
 
 
 @dataclass
@@ -249,9 +226,45 @@ class Config:
 # Loading
 
 
+log = logging.getLogger("preftune.config")
+
+#: Names other tools use (TRL's DPOConfig, peft's LoraConfig, transformers' TrainingArguments) -> the key
+#: here, for the unknown-key message. A bare name matches in any section; ``[]`` stands for a list index.
+KEY_HINTS = {
+    "model.lora.rank": "model.lora.r", "model.lora.lora_alpha": "model.lora.alpha",
+    "model.lora.lora_dropout": "model.lora.dropout", "learning_rate": "optim.lr",
+    "per_device_train_batch_size": "train.batch_size", "num_train_epochs": "train.epochs",
+    "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler_type": "optim.scheduler",
+    "loss_type": "loss.name", "label_smoothing": "loss.params.label_smoothing",
+    "logging_steps": "log.log_every", "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every", "save_total_limit": "train.keep_last",
+    "model_name_or_path": "model.path", "use_peft": "model.lora.enabled",
+    "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha", "ref_model": "reference.path",
+    "precompute_ref_log_probs": "reference.strategy", "dataset_name": "data.train_files",
+    "data.sources[].name": "data.sources[].config", "data.eval_sources[].name": "data.eval_sources[].config",
+}  # fmt: skip
+#: Loss names other tools use -> the registry's name; resolved on loading (the resolved config records it).
+LOSS_ALIASES = {"dpo": "sigmoid"}
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a :class:`Config` from nested plain data; unknown keys and bad types raise ConfigError."""
-    return build(Config, data or {})
+    return _resolve_aliases(build(Config, data or {}, hints=KEY_HINTS))
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``key.sub=value`` overrides (see :func:`preftune._configio.apply_overrides`): names from other
+    tools are hinted, ``null`` resets a setting to its default, and of two exclusive settings
+    (``data.eval_files`` / ``data.eval_fraction``) the later one wins, with a log line."""
+    return _resolve_aliases(_apply_overrides(cfg, overrides, hints=KEY_HINTS, exclusive=EXCLUSIVE))
+
+
+def _resolve_aliases(cfg: Config) -> Config:
+    for i, name in enumerate(cfg.loss.name):
+        if name in LOSS_ALIASES:
+            cfg.loss.name[i] = LOSS_ALIASES[name]
+            log.info("loss.name: %r is an alias of %r", name, LOSS_ALIASES[name])
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -268,8 +281,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.format": ("auto", "jsonl", "json", "csv", "parquet", "arrow"),
-    "data.shape": ("auto", "standard", "conversational", "implicit"),
+    "data.format": FORMAT_CHOICES,
+    "data.shape": SHAPE_CHOICES,
     "data.prompt_truncation": ("left", "right"),
     "data.on_drop": ("count", "error"),
     "reference.strategy": ("auto", "copy", "precomputed", "adapter", "none"),
@@ -288,7 +301,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 def resolved_reference_strategy(cfg: Config) -> str:
     """The reference strategy after ``auto``: none for reference-free losses, adapter with LoRA, else copy."""
-    from preftune.losses import LOSSES
+    from preftune.losses import ALL_LOSSES as LOSSES
 
     needs_ref = any(LOSSES[n].needs_reference for n in cfg.loss.name if n in LOSSES)
     strategy = cfg.reference.strategy
@@ -300,14 +313,16 @@ def resolved_reference_strategy(cfg: Config) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks; raise ConfigError naming the keys involved."""
+    """Cross-field checks; raise ConfigError naming the keys involved. Loss aliases are resolved first."""
+    _resolve_aliases(cfg)
+    check_data(cfg.data)
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(
                 f"{key}: expected one of {', '.join(choices)}, got {value!r}{suggest(str(value), choices)}"
             )
-    from preftune.losses import LOSSES
+    from preftune.losses import ALL_LOSSES as LOSSES
 
     if not cfg.loss.name:
         raise ConfigError("loss.name: give at least one loss")
@@ -316,6 +331,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"loss.name: unknown loss '{name}'{suggest(name, LOSSES)}; known: {', '.join(LOSSES)}"
             )
+    from preftune.losses import UNPAIRED_LOSSES
+
+    unpaired = [n for n in cfg.loss.name if n in UNPAIRED_LOSSES]
+    if unpaired and len(cfg.loss.name) > 1:
+        raise ConfigError(
+            f"loss.name: {unpaired[0]} trains on unpaired rows and cannot be combined with "
+            f"{[n for n in cfg.loss.name if n not in unpaired]}"
+        )
     if cfg.loss.weights is not None and len(cfg.loss.weights) != len(cfg.loss.name):
         raise ConfigError(
             f"loss.weights: {len(cfg.loss.weights)} weights for {len(cfg.loss.name)} losses {cfg.loss.name}"
@@ -444,7 +467,7 @@ def _check_resume_setting(resume: str) -> None:
 
 def _validate_loss_options(cfg: Config) -> None:
     """WPO / LD-DPO / TR-DPO: the options that apply on top of a loss, and where they cannot."""
-    from preftune.losses import LOSSES
+    from preftune.losses import ALL_LOSSES as LOSSES
 
     uses = {LOSSES[n].uses for n in cfg.loss.name}
     if cfg.loss.wpo_weighting and any(n.startswith("aot") for n in cfg.loss.name):

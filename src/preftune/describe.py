@@ -1,7 +1,10 @@
 """What ``preftune data`` reports: a dataset loaded and tokenized exactly as training would, described.
 
-Rows read and kept, drops per reason, truncations, token-length percentiles, the padding share at the
-configured batch size (right padding), and a few rendered examples with the response tokens in ⟦brackets⟧.
+With a tokenizer (`describe_dataset`): rows read and kept, rows per source after mixing, drops per reason,
+truncations, token-length percentiles, the padding share at the configured batch size (right padding), a few
+rendered examples with the response tokens in ⟦brackets⟧, and warnings (plain-text prompts for a model with a
+chat template). Without one (`check_dataset`): every record validated, the schema, bad rows with file, line and
+field, and character-length percentiles.
 """
 
 from __future__ import annotations
@@ -10,11 +13,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["describe_dataset", "format_description"]
+__all__ = ["check_dataset", "describe_dataset", "format_check", "format_description"]
 
 _FIELDS = ("prompt", "chosen", "rejected")
 _PERCENTILES = (50, 90, 99)
 _OPEN, _CLOSE = "⟦", "⟧"
+
+
+def check_dataset(cfg: Any, max_bad: int = 20) -> dict[str, Any]:
+    """Validate ``cfg.data`` without a tokenizer (see `preftune.data.check`)."""
+    from preftune.data.check import check_records
+
+    return check_records(cfg.data, seed=cfg.train.seed, max_bad=max_bad)
 
 
 def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, Any]:
@@ -31,7 +41,7 @@ def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, A
         row_lengths,
     )
 
-    data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed, warn=False)
     train, eval_ = data.train, data.eval
     n_train, n_eval = len(train), (len(eval_) if eval_ is not None else 0)
     lengths = _token_lengths(train)
@@ -53,8 +63,10 @@ def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, A
         padding["share_other"] = share(not cfg.data.group_by_length)
 
     return {
-        "train_files": list(cfg.data.train_files),
-        "eval_files": list(cfg.data.eval_files),
+        "train_files": list(cfg.data.train_files) + [s.path for s in cfg.data.sources],
+        "eval_files": list(cfg.data.eval_files) + [s.path for s in cfg.data.eval_sources],
+        "sources": data.sources,
+        "warnings": data.warnings,
         "shapes": dict(data.shapes),
         "max_length": cfg.data.max_length,
         "max_prompt_length": cfg.data.max_prompt_length,
@@ -91,11 +103,9 @@ def _token_lengths(dataset: Any) -> dict[str, np.ndarray]:
 
 
 def _stats(values: np.ndarray) -> dict[str, int | None]:
-    if values.size == 0:
-        return {**{f"p{q}": None for q in _PERCENTILES}, "max": None}
-    # inverted_cdf: nearest-rank percentiles, always an observed token count.
-    pct = np.percentile(values, _PERCENTILES, method="inverted_cdf")
-    return {**{f"p{q}": int(v) for q, v in zip(_PERCENTILES, pct)}, "max": int(values.max())}
+    from preftune.data.check import percentiles
+
+    return percentiles(values)
 
 
 def _render(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
@@ -128,6 +138,7 @@ def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
     out.append(f"data:      {files}" + (f"  (shape: {', '.join(shapes)})" if shapes else ""))
     if d["eval_files"]:
         out.append(f"eval data: {', '.join(d['eval_files'])}")
+    out.extend(f"warning:   {w}" for w in d.get("warnings", []))
     out.append(
         f"limits:    max_length {d['max_length']}, max_prompt_length {d['max_prompt_length']}"
     )
@@ -144,14 +155,14 @@ def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
     out.append(
         "truncated: " + (", ".join(f"{k} in {v} pairs" for k, v in cut.items()) if cut else "none")
     )
+    sources = d.get("sources", [])
+    if len(sources) > 1 or any(x["selected"] != x["records"] for x in sources):
+        out.append("")
+        out.extend(_source_rows(sources, pairs=True))
 
     out.append("")
     out.append(f"tokens per pair (train, n={d['train_pairs']})")
-    cols = [*(f"p{q}" for q in _PERCENTILES), "max"]
-    out.append(f"  {'':<12}" + "".join(f"{c:>8}" for c in cols))
-    for name, stats in d["lengths"].items():
-        cells = ["-" if stats[c] is None else str(stats[c]) for c in cols]
-        out.append(f"  {name:<12}" + "".join(f"{c:>8}" for c in cells))
+    out.extend(_length_rows(d["lengths"]))
 
     pad = d["padding"]
     if "share" in pad:
@@ -185,4 +196,63 @@ def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
     if d.get("cache_path"):
         out.append("")
         out.append(f"tokenized cache: {d['cache_path']}")
+    return "\n".join(out)
+
+
+def _length_rows(lengths: dict[str, dict[str, int | None]]) -> list[str]:
+    cols = [*(f"p{q}" for q in _PERCENTILES), "max"]
+    rows = [f"  {'':<12}" + "".join(f"{c:>8}" for c in cols)]
+    for name, stats in lengths.items():
+        cells = ["-" if stats[c] is None else str(stats[c]) for c in cols]
+        rows.append(f"  {name:<12}" + "".join(f"{c:>8}" for c in cells))
+    return rows
+
+
+def _source_rows(sources: list[dict[str, Any]], *, pairs: bool) -> list[str]:
+    """The rows-per-source table (after mixing)."""
+    width = max([len("source"), *(len(x["name"]) for x in sources)])
+    cols = ["records", "selected", *(("train", "eval", "dropped") if pairs else ())]
+    rows = [
+        "rows per source (after mixing):",
+        f"  {'source':<{width}}  role " + "".join(f"{c:>9}" for c in cols),
+    ]
+    for x in sources:
+        cells = "".join(f"{x[c]:>9}" for c in cols)
+        rows.append(f"  {x['name']:<{width}}  {x['role']:<5}" + cells)
+    return rows
+
+
+def format_check(d: dict[str, Any]) -> str:
+    """Plain-text report of :func:`check_dataset`'s dict."""
+    out = []
+    for f in d["files"]:
+        head = f"{f['role']} file: {f['name']}  ({f['format']}"
+        out.append(head + (f", shape {f['shape']})" if f["shape"] else ")"))
+        if f["error"]:
+            out.append(f"  error: {f['error']}")
+        if f["types"]:
+            out.append("  schema: " + ", ".join(f"{k}: {v}" for k, v in f["types"].items()))
+        elif f["columns"]:
+            out.append("  columns: " + ", ".join(f["columns"]))
+        kept = f", {f['selected']} kept by the mixture" if f["sampled"] else ""
+        out.append(f"  records: {f['records']} read{kept}, {f['valid']} valid, {f['bad']} bad")
+    if len(d["sources"]) > 1 or any(x["selected"] != x["records"] for x in d["sources"]):
+        out.append("")
+        out.extend(_source_rows(d["sources"], pairs=False))
+    if d["bad_rows"]:
+        out.append("")
+        shown = len(d["bad_rows"])
+        out.append(
+            f"bad rows ({d['bad']}" + (f", first {shown} shown" if shown < d["bad"] else "") + "):"
+        )
+        out.extend(f"  {line}" for line in d["bad_rows"])
+    if d["valid"]:
+        out.append("")
+        out.append(f"characters per pair (valid records, n={d['valid']})")
+        out.extend(_length_rows(d["lengths"]))
+    out.append("")
+    out.append(
+        "no tokenizer: records checked, not tokenized (pass --tokenizer DIR or model.path=DIR for token "
+        "lengths, drops, padding and rendered examples)"
+    )
     return "\n".join(out)

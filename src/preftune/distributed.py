@@ -267,21 +267,12 @@ class DistContext:
     # Metrics and reference tables
 
     def reduce_metrics(self, metrics) -> None:
-        """Sum a StepMetrics' window sums over ranks, so that its means are global (grad norm already is)."""
+        """Sum a StepMetrics' window sums and counts over ranks, so that its means are global (the grad
+        norm already is). Every rank has the same metric names (the same objective)."""
         if not self.enabled:
             return
-        packed = torch.cat(
-            [
-                metrics.sums,
-                metrics.loss.view(1),
-                torch.tensor(
-                    [float(metrics.pairs)], dtype=torch.float64, device=metrics.sums.device
-                ),
-            ]
-        )
-        self.all_reduce_sum(packed)
-        metrics.sums, metrics.loss = packed[:-2].clone(), packed[-2].clone()
-        metrics.pairs = int(packed[-1])
+        names, packed = metrics.packed()
+        metrics.unpack(names, self.all_reduce_sum(packed))
 
     def shard_indices(self, lengths: Sequence[int]) -> tuple[list[int], list[int]]:
         """This rank's share of ``range(len(lengths))`` for a parallel no-grad pass: ``(owned, work)``.

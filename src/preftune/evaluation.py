@@ -12,78 +12,68 @@ import contextlib
 import torch
 from torch import Tensor
 
-from preftune.model import Layout, SequenceLogps
+from preftune.model import Layout
 
 __all__ = ["StepMetrics", "evaluate", "evaluate_model"]
 
-_PAIR_KEYS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "logps/chosen_avg",
-    "logps/rejected_avg",
-)
-
 
 class StepMetrics:
-    """Running sums of the per-pair metrics since the last read."""
+    """Running sums (and counts) of named metrics since the last read, on the device: no host sync per
+    micro-step. The objective says what a micro-batch contributes (:meth:`Objective.metrics`); a metric is
+    read as its sum over its count (pairs for the pair metrics, desirable rows for KTO's, ...)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(_PAIR_KEYS), dtype=torch.float64, device=self.device)
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
         self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.aux_loss: Tensor | None = None  # pair-weighted sum of the model's router term
-        self.pairs = 0
         self.steps = 0
 
-    def add(self, loss_contribution: Tensor, out, pol: SequenceLogps) -> None:
-        """One micro-batch: ``loss_contribution`` is its share of the window loss (already normalised)."""
-        cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-        cl, rl = pol.chosen_logps.detach(), pol.rejected_logps.detach()
-        per_pair = torch.stack(
-            [
-                cr,
-                rr,
-                cr - rr,
-                (cr > rr).to(cr.dtype),
-                cl,
-                rl,
-                cl / pol.chosen_tokens.clamp(min=1),
-                rl / pol.rejected_tokens.clamp(min=1),
-            ]
-        )  # [K, B]
-        self.sums += per_pair.sum(dim=1).double()
-        self.loss += loss_contribution.double()
-        self.pairs += cr.shape[0]
-        if pol.aux_loss is not None:
-            aux = pol.aux_loss.detach().double() * cr.shape[0]
-            self.aux_loss = aux if self.aux_loss is None else self.aux_loss + aux
+    def add(self, loss_contribution: Tensor, values: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """One micro-batch: its share of the window loss (already normalised) and ``{name: (sum, count)}``."""
+        self.loss += loss_contribution.detach().double()
+        for name, (total, count) in values.items():
+            total = total.detach().double().to(self.device)
+            count = torch.as_tensor(count, dtype=torch.float64, device=self.device)
+            if name in self.sums:
+                self.sums[name] += total
+                self.counts[name] += count
+            else:
+                self.sums[name], self.counts[name] = total.clone(), count.clone()
 
     def add_grad_norm(self, grad_norm: Tensor) -> None:
         self.grad_norm += grad_norm.detach().double()
         self.steps += 1
 
+    def packed(self) -> tuple[list[str], Tensor]:
+        """``(names, [sums..., counts..., loss])`` in name order: what the ranks sum together."""
+        names = sorted(self.sums)
+        parts = [self.sums[n].view(1) for n in names] + [self.counts[n].view(1) for n in names]
+        return names, torch.cat([*parts, self.loss.view(1)])
+
+    def unpack(self, names: list[str], packed: Tensor) -> None:
+        k = len(names)
+        self.sums = {n: packed[i].clone() for i, n in enumerate(names)}
+        self.counts = {n: packed[k + i].clone() for i, n in enumerate(names)}
+        self.loss = packed[2 * k].clone()
+
     def pop(self) -> dict[str, float]:
-        """Means since the last read (one host sync), then reset."""
-        values = torch.cat(
-            [self.sums / max(self.pairs, 1), self.loss.view(1), self.grad_norm.view(1)]
-        ).tolist()
-        steps = max(self.steps, 1)
-        row = dict(zip(_PAIR_KEYS, values[: len(_PAIR_KEYS)]))
-        row["loss"] = values[-2] / steps
+        """Means since the last read (one host sync), then reset. A metric with count 0 is left out."""
+        names, packed = self.packed()
+        values = torch.cat([packed, self.grad_norm.view(1)]).tolist()
+        k = len(names)
+        row = {"loss": values[2 * k] / max(self.steps, 1)}
+        for i, name in enumerate(names):
+            if values[k + i] > 0:
+                row[name] = values[i] / values[k + i]
         if self.steps:
-            row["grad_norm"] = values[-1] / steps
-        if self.aux_loss is not None:
-            row["aux_loss"] = float(self.aux_loss) / max(self.pairs, 1)
+            row["grad_norm"] = values[-1] / self.steps
         self.reset()
-        return {"loss": row.pop("loss"), **row}
+        return row
 
 
 @torch.no_grad()
@@ -114,14 +104,21 @@ def evaluate(
     total_tokens = float(max(sum(b.chosen_tokens for b in micro), 1))
     was_training = module.training
     module.eval()
+
+    def forward(batch):
+        batch = batch.to(device)
+        with autocast():
+            return layout.logps(module, batch), reference.logps(batch, split) if reference else None
+
     try:
+        window = objective.prepare(micro, forward, lambda t: t)  # the whole split is one window
         for batch in micro:
             batch = batch.to(device)
             with autocast():
                 pol = layout.logps(module, batch)
                 ref = reference.logps(batch, split) if reference else None
-                loss, out = objective(pol, ref, batch, total_pairs, total_tokens)
-            metrics.add(loss, out, pol)
+                loss, out = objective(pol, ref, batch, total_pairs, total_tokens, window)
+            metrics.add(loss, objective.metrics(out, pol, batch))
     finally:
         module.train(was_training)
     metrics.steps = 1

@@ -23,15 +23,30 @@ Options, applied before the loss sees the log-probs:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from preftune.losses import LossOutput, ld_logps, wpo_weights
+from preftune.losses import LossOutput, kl_stats, kto, ld_logps, wpo_weights
 from preftune.model import PairBatch, SequenceLogps
 
-__all__ = ["Objective"]
+__all__ = ["KTOObjective", "Objective"]
+
+#: ``forward(batch) -> (policy SequenceLogps, ReferenceLogps | None)`` for a micro-batch (on its device).
+Forward = Callable[[PairBatch], tuple[SequenceLogps, object]]
+#: Sums a tensor over ranks (``DistContext.all_reduce_sum``), or leaves it as is.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _count(mask: Tensor) -> Tensor:
+    return mask.sum().to(torch.float64)
+
+
+def _zeroed(metrics: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """The same names with nothing in them (a placeholder adds no pair to any mean)."""
+    return {k: (total * 0.0, torch.zeros_like(count)) for k, (total, count) in metrics.items()}
 
 
 @dataclass
@@ -58,6 +73,33 @@ class Objective:
             ld_logps(rejected_prefix, rejected - rejected_prefix, self.ld_alpha),
         )
 
+    def prepare(self, micro: Sequence[PairBatch], forward: Forward, reduce: Reduce) -> None:
+        """Nothing to compute over the window before the first backward (pair losses)."""
+        return None
+
+    def metrics(
+        self, out: LossOutput, pol: SequenceLogps, batch: PairBatch
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (sum, count)}`` of the per-pair metrics (FORMULAS.md "Metrics"); zeros for a
+        placeholder (every rank must report the same names: their sums are reduced together)."""
+        cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        cl, rl = pol.chosen_logps.detach(), pol.rejected_logps.detach()
+        b = torch.tensor(float(cr.shape[0]), dtype=torch.float64)
+        values = {
+            "rewards/chosen": cr,
+            "rewards/rejected": rr,
+            "rewards/margins": cr - rr,
+            "rewards/accuracies": (cr > rr).to(cr.dtype),
+            "logps/chosen": cl,
+            "logps/rejected": rl,
+            "logps/chosen_avg": cl / pol.chosen_tokens.clamp(min=1),
+            "logps/rejected_avg": rl / pol.rejected_tokens.clamp(min=1),
+        }
+        metrics = {name: (v.sum(), b) for name, v in values.items()}
+        if pol.aux_loss is not None:
+            metrics["aux_loss"] = (pol.aux_loss.detach() * b, b)
+        return _zeroed(metrics) if batch.placeholder else metrics
+
     def __call__(
         self,
         pol: SequenceLogps,
@@ -65,6 +107,7 @@ class Objective:
         batch: PairBatch,
         n_pairs: float,
         n_tokens: float,
+        window: object = None,
     ) -> tuple[Tensor, LossOutput]:
         """``(loss, out)``: this micro-batch's share of the window loss, and the loss's per-pair output."""
         pc, pr = self._ld(
@@ -96,3 +139,77 @@ class Objective:
         if pol.aux_loss is not None:
             loss = loss + pol.aux_loss * (batch.num_pairs / n_pairs)
         return loss, out
+
+
+@dataclass
+class KTOObjective:
+    """KTO on unpaired rows (Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 8; :mod:`preftune.losses.unpaired`).
+
+    A batch of unpaired rows comes in the pair layout: ``chosen`` is each row's own completion, ``rejected``
+    the completion of another prompt (its KL row, fixed per dataset row by the data layer), ``labels`` the
+    desirable flags. The reference point z₀ is the mean of ``logp_θ − logp_ref`` over every KL row of the
+    optimizer step — all micro-batches of the window, all ranks — computed by :meth:`prepare` in one no-grad
+    pass before the first backward and summed over ranks, so that accumulation and data parallelism give
+    exactly the z₀ (and gradients) of one big batch. The rows' loss is ``Σ w·ℓ / N_rows`` over the window.
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    extras: tuple[str, ...] = ()
+
+    def prepare(self, micro: Sequence[PairBatch], forward: Forward, reduce: Reduce) -> Tensor:
+        """``(Σ (logp_θ − logp_ref), count)`` over the window's KL rows, summed over ranks (float64)."""
+        stats = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in micro:  # placeholders run too: sharded forwards are collectives
+                pol, ref = forward(batch)
+                if ref is None:
+                    raise ValueError(
+                        "kto needs a reference (reference.strategy copy/precomputed/...)"
+                    )
+                if not batch.placeholder:
+                    stats += kl_stats(pol.rejected_logps, ref.rejected_logps).cpu()
+        return reduce(stats)
+
+    def __call__(
+        self,
+        pol: SequenceLogps,
+        ref,
+        batch: PairBatch,
+        n_pairs: float,
+        n_tokens: float,
+        window: object = None,
+    ):
+        if batch.labels is None:
+            raise ValueError("kto needs unpaired rows with labels (desirable / undesirable)")
+        out = kto(
+            pol.chosen_logps,
+            ref.chosen_logps,
+            batch.labels.bool(),
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            kl_sum_and_count=window,
+        )
+        loss = (batch.weights * out.losses).sum() / n_pairs
+        if pol.aux_loss is not None:
+            loss = loss + pol.aux_loss * (batch.num_pairs / n_pairs)
+        return loss, out
+
+    def metrics(
+        self, out, pol: SequenceLogps, batch: PairBatch
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        good = out.desirable
+        logps = pol.chosen_logps.detach()
+        b = torch.tensor(float(good.shape[0]), dtype=torch.float64)
+        metrics = {
+            "rewards/desirable": (torch.where(good, out.rewards, 0.0).sum(), _count(good)),
+            "rewards/undesirable": (torch.where(~good, out.rewards, 0.0).sum(), _count(~good)),
+            "logps/desirable": (torch.where(good, logps, 0.0).sum(), _count(good)),
+            "logps/undesirable": (torch.where(~good, logps, 0.0).sum(), _count(~good)),
+            "kl": (out.kl.detach() * b, b),
+        }
+        if pol.aux_loss is not None:
+            metrics["aux_loss"] = (pol.aux_loss.detach() * b, b)
+        return _zeroed(metrics) if batch.placeholder else metrics

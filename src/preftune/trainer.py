@@ -323,16 +323,24 @@ def window_backward(
         )
     )
     n_pairs, n_tokens = float(totals[0]), max(float(totals[1]), 1.0)
+
+    def forward(batch):
+        batch = batch.to(device, non_blocking=True)
+        with autocast():
+            return layout.logps(model, batch), reference.logps(batch) if reference else None
+
+    # What the objective needs from the whole window before any backward (KTO's z₀; pairs: nothing).
+    window = objective.prepare(micro, forward, dist.all_reduce_sum)
     for i, batch in enumerate(micro):
         batch = batch.to(device, non_blocking=True)
         with dist.grad_sync(model, sync=i == len(micro) - 1), autocast():
             pol = layout.logps(model, batch)
             ref = reference.logps(batch) if reference else None
-            loss, out = objective(pol, ref, batch, n_pairs, n_tokens)
+            loss, out = objective(pol, ref, batch, n_pairs, n_tokens, window)
             # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
             (loss * dist.world_size).backward()
-        if metrics is not None and not batch.placeholder:
-            metrics.add(loss.detach(), out, pol)
+        if metrics is not None:  # a placeholder adds zeros (the same names on every rank)
+            metrics.add(loss.detach(), objective.metrics(out, pol, batch))
     return int(n_pairs)
 
 

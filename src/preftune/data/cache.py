@@ -9,8 +9,9 @@ crashed run are removed once they are a day old.
 
 The key is the SHA-256 of (canonical JSON):
 - ``CODE_VERSION`` (bump it whenever tokenization/rendering code changes its output);
-- each input file's content hash (BLAKE2b of its bytes, every file of a saved-dataset folder), with its format
-  and split, in order (the path itself is not part of the key: moving a file keeps its cache). Content hashes
+- each input file's content hash (BLAKE2b of its bytes, every file of a saved-dataset folder; for a Hub dataset,
+  of the Arrow files ``datasets`` prepared), with its format and split, in order (the path itself is not part
+  of the key: moving a file keeps its cache), and per source its shape, columns and sampling (mix.py). Content hashes
   are memoised per path under ``<root>/data/filehash/`` together with (size, mtime_ns, ctime_ns, inode); any
   write to a file changes its ctime, so a changed file is always re-hashed and a stale hash is never reused;
 - the tokenizer fingerprint: its full ``tokenizer.json`` (``backend_tokenizer.to_str()``: vocab, merges,
@@ -54,13 +55,16 @@ __all__ = [
     "cache_root",
     "committed_entry",
     "file_digest",
+    "max_weight",
     "read_entry",
     "source_digest",
     "split_rows",
     "tokenizer_fingerprint",
 ]
 
-CODE_VERSION = "preftune.data/2"  # 2: special_token_in_content drops, bounded records, checksums
+# 2: special_token_in_content drops, bounded records, checksums; 3: system / tools columns, string prompts
+# and whole conversations in the conversational shape, mixtures
+CODE_VERSION = "preftune.data/3"
 _CHUNK = 1 << 20
 _FLUSH_ROWS = 1024
 _META = "meta.json"
@@ -118,7 +122,12 @@ def file_digest(path: str | os.PathLike, root: Path | None = None) -> str:
 
 
 def source_digest(src: SourceFile, root: Path | None = None) -> dict:
-    """Content identity of one input (file, or every file of a saved-dataset folder)."""
+    """Content identity of one input (file, every file of a saved-dataset folder, a Hub dataset's Arrow files)."""
+    if src.format == "hub":
+        from . import hub
+
+        ds = hub.dataset(src.path, src.config, src.split, src.revision)
+        return {"hub": src.path, "digest": hub.dataset_digest(ds, root), "split": src.split}
     if os.path.isdir(src.path):
         h = hashlib.blake2b(digest_size=32)
         for dirpath, dirnames, filenames in os.walk(src.path):
@@ -225,6 +234,18 @@ def split_rows(source: Path, train: Path, eval_: Path, eval_rows: np.ndarray) ->
         for w in writers:
             w.close()
     return counts[0], counts[1]
+
+
+def max_weight(path: Path) -> float:
+    """The largest pair weight in a tokenized split's Arrow stream."""
+    import pyarrow.compute as pc
+
+    best = 0.0
+    with pa.memory_map(str(path)) as mm:
+        for batch in pa.ipc.open_stream(mm):
+            top = pc.max(batch.column("weight")).as_py()
+            best = max(best, top or 0.0)
+    return best
 
 
 def read_entry(root: Path, key: str) -> dict | None:

@@ -1,17 +1,20 @@
-"""`load_preference_data`: files -> validated, tokenized, cached train/eval splits.
+"""`load_preference_data`: sources -> validated, tokenized, cached train/eval splits.
 
-Pipeline: resolve files -> cache key -> (hit) open the cached Arrow files, or (miss) stream records, render
-(shapes.py), cut over-long texts to what truncation can keep, tokenize exactly and truncate (tokenize.py) in
-chunks, write Arrow, split, commit the entry.
+Pipeline: resolve the sources and their files (mix.py) -> cache key -> (hit) open the cached Arrow files, or
+(miss) stream each source's kept records, render (shapes.py), cut over-long texts to what truncation can keep,
+tokenize exactly and truncate (tokenize.py) in chunks, write Arrow, split, commit the entry. Rows per source
+(records, kept by the mixture, pairs per split, drops) and warnings (plain-text prompts for a tokenizer with a
+chat template: the template was not applied) are stored with the entry.
 
 Whole-input errors (`DataError`): a file with no records ("is empty"), and training pairs whose weights are
 all 0 (nothing to learn).
 
-Eval split by ``eval_fraction``: ``round(fraction * rows_read)`` records (at least 1) of the training files, by
+Eval split by ``eval_fraction``: ``round(fraction * rows_read)`` records (at least 1) of the training records
+(after the mixture's sampling), by
 a permutation seeded with ``seed``, go to eval. The split is made on the records as READ (before drops), so
 which pair lands in eval depends only on the files and the seed, not on tokenization settings; drops are then
-counted per split. Both splits keep file order (shuffling is `batch_indices`' job). ``eval_files`` and
-``eval_fraction > 0`` are exclusive.
+counted per split. Both splits keep file order (shuffling is `batch_indices`' job). ``eval_files`` /
+``eval_sources`` and ``eval_fraction > 0`` are exclusive.
 """
 
 from __future__ import annotations
@@ -32,21 +35,21 @@ from .cache import (
     cache_key,
     cache_root,
     committed_entry,
+    max_weight,
     read_entry,
-    source_digest,
     split_rows,
     tokenizer_fingerprint,
 )
 from .errors import DataError, Drop, Location, missing_column_error
+from .mix import Picker, Source, plan_sources, source_table
 from .shapes import (
-    Columns,
     Rendered,
     detect_shape,
     parse_weight,
     render_pair,
     special_token_pattern,
 )
-from .sources import SourceFile, read_records, resolve_files, source_columns
+from .sources import SourceFile, read_records, source_columns
 from .tokenize import (
     DROP_REASONS,
     Settings,
@@ -78,41 +81,49 @@ class PreferenceData:
     shapes: dict[str, str] = field(default_factory=dict)  # file -> detected shape
     cache_path: str = ""
     cache_hit: bool = False
+    # per source: name, role, records (None: not counted, all kept), selected, train, eval, dropped
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         dropped = {k: v for k, v in self.drops.items() if v}
         cut = {k: v for k, v in self.truncations.items() if v}
         n_eval = len(self.eval) if self.eval is not None else 0
+        mixed = len(self.sources) > 1 or any(x["selected"] != x["records"] for x in self.sources)
+        per_source = "; sources " + ", ".join(
+            f"{x['name']} {x['selected']}/{x['records']}" for x in self.sources
+        )
         return (
             f"{self.rows_read} records read -> {len(self.train)} train / {n_eval} eval pairs; "
-            f"dropped {sum(dropped.values())} {dropped or ''}; truncated {cut or 'none'}; "
+            f"dropped {sum(dropped.values())} {dropped or ''}; truncated {cut or 'none'}"
+            f"{per_source if mixed else ''}; "
             f"cache {'hit' if self.cache_hit else 'written'}: {self.cache_path}"
         )
 
 
-def load_preference_data(cfg: Any, tokenizer: Any, *, seed: int = 0) -> PreferenceData:
-    """Load, validate, tokenize and cache preference data described by a DataConfig-like ``cfg``."""
+def load_preference_data(
+    cfg: Any, tokenizer: Any, *, seed: int = 0, warn: bool = True
+) -> PreferenceData:
+    """Load, validate, tokenize and cache preference data described by a DataConfig-like ``cfg``.
+
+    ``seed`` draws the mixture's samples and the ``eval_fraction`` split; ``warn=False`` leaves the
+    warnings in ``PreferenceData.warnings`` unlogged (for a caller that reports them itself)."""
     settings = Settings.from_config(cfg)
     check_tokenizer(tokenizer, settings)
-    cols = Columns.from_config(cfg)
-    fmt, shape = getattr(cfg, "format", "auto"), getattr(cfg, "shape", "auto")
     fraction = float(getattr(cfg, "eval_fraction", 0.0) or 0.0)
-    eval_files = list(getattr(cfg, "eval_files", None) or [])
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"data.eval_fraction must be in [0, 1), got {fraction}")
-    if fraction > 0 and eval_files:
-        raise DataError("set data.eval_files or data.eval_fraction, not both")
-    train_srcs = resolve_files(getattr(cfg, "train_files", []), fmt, role="train")
-    eval_srcs = resolve_files(eval_files, fmt, role="eval") if eval_files else []
+    train_srcs = plan_sources(cfg, "train")
+    eval_srcs = plan_sources(cfg, "eval")
+    if fraction > 0 and eval_srcs:
+        raise DataError("set data.eval_files / data.eval_sources or data.eval_fraction, not both")
 
     root = cache_root(getattr(cfg, "cache_dir", None))
     key = cache_key(
         {
-            "train": [source_digest(s, root) for s in train_srcs],
-            "eval": [source_digest(s, root) for s in eval_srcs],
+            "train": [s.key(root, seed) for s in train_srcs],
+            "eval": [s.key(root, seed) for s in eval_srcs],
             "tokenizer": tokenizer_fingerprint(tokenizer),
-            "shape": shape,
-            "columns": cols.__dict__,
             "settings": {k: v for k, v in settings.__dict__.items() if k != "on_drop"},
             "eval_fraction": fraction,
             "seed": seed if fraction > 0 else None,
@@ -122,9 +133,7 @@ def load_preference_data(cfg: Any, tokenizer: Any, *, seed: int = 0) -> Preferen
     hit = meta is not None
     if meta is None:
         with committed_entry(root, key) as (tmp, meta):
-            _build(
-                tmp, meta, train_srcs, eval_srcs, fraction, seed, cols, shape, settings, tokenizer
-            )
+            _build(tmp, meta, train_srcs, eval_srcs, fraction, seed, settings, tokenizer)
         meta = read_entry(root, key)
         if meta is None:  # pragma: no cover - the commit above guarantees an entry
             raise DataError(f"could not write the data cache under {root}")
@@ -136,6 +145,8 @@ def load_preference_data(cfg: Any, tokenizer: Any, *, seed: int = 0) -> Preferen
         )
     data = _open(meta, key, hit)
     log.info("preference data: %s", data.summary())
+    for line in data.warnings if warn else ():
+        log.warning("%s", line)
     return data
 
 
@@ -156,31 +167,33 @@ def _open(meta: dict, key: str, hit: bool) -> PreferenceData:
         shapes=dict(meta["shapes"]),
         cache_path=str(entry),
         cache_hit=hit,
+        sources=[dict(x) for x in meta.get("sources", [])],
+        warnings=list(meta.get("warnings", [])),
     )
 
 
 def _build(
     tmp: Path,
     meta: dict,
-    train_srcs: list[SourceFile],
-    eval_srcs: list[SourceFile],
+    train_srcs: list[Source],
+    eval_srcs: list[Source],
     fraction: float,
     seed: int,
-    cols: Columns,
-    shape: str,
     settings: Settings,
     tokenizer: Any,
 ) -> None:
-    shapes: dict[str, str] = {}
+    notes = _Notes()
     writer = PairWriter(
         tmp / ("all.arrow" if fraction > 0 else "train.arrow"), with_row=fraction > 0
     )
-    train = _tokenize_sources(train_srcs, writer, cols, shape, settings, tokenizer, shapes)
+    train = _tokenize_sources(train_srcs, writer, settings, tokenizer, seed, notes)
     writer.close()
     rows_read, n_train, n_eval = train.rows, writer.count, 0
     total = Tally()
     total.add(train.tally)
     by_split = {"train": train.tally.drops}
+    eval_set: set[int] = set()
+    evaluated = None
     if fraction > 0:
         if rows_read < 2:
             raise DataError(f"data.eval_fraction needs at least 2 records, read {rows_read}")
@@ -196,9 +209,7 @@ def _build(
             by_split["eval" if row in eval_set else "train"][reason] += 1
     elif eval_srcs:
         eval_writer = PairWriter(tmp / "eval.arrow")
-        evaluated = _tokenize_sources(
-            eval_srcs, eval_writer, cols, shape, settings, tokenizer, shapes
-        )
+        evaluated = _tokenize_sources(eval_srcs, eval_writer, settings, tokenizer, seed, notes)
         eval_writer.close()
         rows_read, n_eval = rows_read + evaluated.rows, eval_writer.count
         total.add(evaluated.tally)
@@ -207,14 +218,19 @@ def _build(
         raise DataError(
             f"no training pairs left: {rows_read} records read, drops {_nonzero(total)}"
         )
-    if cols.weight and _max_weight(tmp / "train.arrow") <= 0:
-        files = ", ".join(s.path for s in train_srcs)
+    weighted = [s for s in train_srcs if s.cols.weight]
+    if weighted and max_weight(tmp / "train.arrow") <= 0:
+        files = ", ".join(f.name for s in train_srcs for f in s.files)
+        names = ", ".join(sorted({repr(s.cols.weight) for s in weighted}))
         raise DataError(
-            f"{files}: every training pair has weight 0 (field {cols.weight!r}): nothing to learn; "
+            f"{files}: every training pair has weight 0 (field {names}): nothing to learn; "
             "expected at least one weight > 0"
         )
     if (fraction > 0 or eval_srcs) and n_eval == 0:
         raise DataError(f"no eval pairs left: {rows_read} records read, drops {_nonzero(total)}")
+    table = source_table(train.spans, train.written, train.dropped, "train", eval_set)
+    if evaluated is not None:
+        table += source_table(evaluated.spans, evaluated.written, evaluated.dropped, "eval", set())
     meta.update(
         has_eval=n_eval > 0,
         n_train=n_train,
@@ -224,21 +240,14 @@ def _build(
         drops_by_split=by_split,
         truncations=total.truncations,
         first_drop=total.first_drop,
-        shapes=shapes,
-        files={"train": [s.path for s in train_srcs], "eval": [s.path for s in eval_srcs]},
+        shapes=notes.shapes,
+        files={
+            "train": [f.name for s in train_srcs for f in s.files],
+            "eval": [f.name for s in eval_srcs for f in s.files],
+        },
+        sources=table,
+        warnings=notes.warnings(tokenizer),
     )
-
-
-def _max_weight(path: Path) -> float:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    best = 0.0
-    with pa.memory_map(str(path)) as mm:
-        for batch in pa.ipc.open_stream(mm):
-            top = pc.max(batch.column("weight")).as_py()
-            best = max(best, top or 0.0)
-    return best
 
 
 def _nonzero(tally: Tally) -> dict[str, int]:
@@ -250,31 +259,59 @@ class _Pass:
     rows: int = 0
     tally: Tally = field(default_factory=Tally)
     dropped: list[tuple[int, str]] = field(default_factory=list)  # (record position, reason)
+    written: list[int] = field(default_factory=list)  # record position of each pair written
+    spans: list[tuple[str, int, int, int | None]] = field(
+        default_factory=list
+    )  # name, rows, available
+
+
+@dataclass
+class _Notes:
+    """What the passes learn besides pairs: each file's shape, and plain-text prompts per source."""
+
+    shapes: dict[str, str] = field(default_factory=dict)
+    plain: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # source -> [plain-text prompts, prompts]
+
+    def warnings(self, tokenizer: Any) -> list[str]:
+        if not getattr(tokenizer, "chat_template", None):
+            return []
+        return [
+            f"{name}: {raw} of {n} prompts are plain text: the tokenizer's chat template was not applied "
+            "(set data.shape=conversational to apply it; a string prompt becomes one user message)"
+            for name, (raw, n) in self.plain.items()
+            if raw
+        ]
 
 
 def _tokenize_sources(
-    srcs: list[SourceFile],
+    srcs: list[Source],
     writer: PairWriter,
-    cols: Columns,
-    shape: str,
     settings: Settings,
     tokenizer: Any,
-    shapes: dict[str, str],
+    seed: int,
+    notes: _Notes,
 ) -> _Pass:
     state = _Pass()
     pending: list[tuple[Rendered, float, Location, int]] = []
-    for src in srcs:
-        for rendered, weight, loc in _rendered_records(src, cols, shape, tokenizer, shapes):
-            row, state.rows = state.rows, state.rows + 1
-            if isinstance(rendered, Drop):
-                _drop(state, row, rendered.reason, loc, settings, rendered.detail)
-                continue
-            if rendered.chosen == rendered.rejected:
-                _drop(state, row, "chosen_equals_rejected", loc, settings)
-                continue
-            pending.append((rendered, weight, loc, row))
-            if len(pending) >= _CHUNK_PAIRS:
-                _flush(pending, writer, state, settings, tokenizer)
+    for source in srcs:
+        available, positions = source.positions(seed)
+        pick, start = Picker(positions), state.rows
+        for src in source.files:
+            records = _rendered_records(src, source, tokenizer, notes, pick)
+            for rendered, weight, loc in records:
+                row, state.rows = state.rows, state.rows + 1
+                if isinstance(rendered, Drop):
+                    _drop(state, row, rendered.reason, loc, settings, rendered.detail)
+                    continue
+                if rendered.chosen == rendered.rejected:
+                    _drop(state, row, "chosen_equals_rejected", loc, settings)
+                    continue
+                pending.append((rendered, weight, loc, row))
+                if len(pending) >= _CHUNK_PAIRS:
+                    _flush(pending, writer, state, settings, tokenizer)
+        state.spans.append((source.name, start, state.rows, available))
     _flush(pending, writer, state, settings, tokenizer)
     return state
 
@@ -301,35 +338,44 @@ def _flush(
             _drop(state, row, pair.reason, loc, settings, pair.detail)
         else:
             writer.add(*pair, weight, row)
+            state.written.append(row)
     pending.clear()
 
 
 def _rendered_records(
-    src: SourceFile, cols: Columns, shape: str, tokenizer: Any, shapes: dict[str, str]
+    src: SourceFile, source: Source, tokenizer: Any, notes: _Notes, pick: Picker
 ) -> Iterator[tuple[Rendered | Drop, float, Location]]:
+    """The kept records of one file, rendered (``pick`` says which; shape detected from its first)."""
+    cols = source.cols
     columns = source_columns(src)
-    records = read_records(src, cols.needed())
+    records = read_records(src, [*cols.needed(), *cols.optional()])
     first = next(records, None)
-    file_shape = detect_shape(shape, cols, first[0] if first else None, columns, src.path)
-    shapes[src.path] = file_shape
+    file_shape = detect_shape(source.shape, cols, first[0] if first else None, columns, src.name)
+    notes.shapes[src.name] = file_shape
     if first is None:
         empty = os.path.isfile(src.path) and os.path.getsize(src.path) == 0
         raise DataError(
-            f"{src.path}: {'the file is empty' if empty else 'no records in this file'}; "
+            f"{src.name}: {'the file is empty' if empty else 'no records in this file'}; "
             "expected preference records"
         )
     if cols.weight and columns is not None and cols.weight not in columns:
-        raise missing_column_error(src.path, cols.weight, columns)
-    specials: re.Pattern[str] | None = None
-    if file_shape != "standard":
-        specials = special_token_pattern(tokenizer)
-    weight_seen = False
+        raise missing_column_error(src.name, cols.weight, columns)
+    specials: re.Pattern[str] | None = special_token_pattern(tokenizer)
+    plain = notes.plain.setdefault(source.name, [0, 0])
+    weight_seen = kept = False
     for record, loc in itertools.chain([first], records):
+        if not pick():
+            continue
+        kept = True
         rendered = render_pair(record, file_shape, cols, loc, tokenizer, specials)
+        if isinstance(rendered, Rendered) and not rendered.chat:
+            plain[1] += 1
+            if specials is None or not specials.search(rendered.prompt):
+                plain[0] += 1  # no chat markup at all: not a pre-rendered chat prompt
         weight = 1.0
         if cols.weight:
             weight_seen = weight_seen or cols.weight in record
             weight = parse_weight(record.get(cols.weight), loc, cols.weight)
         yield rendered, weight, loc
-    if cols.weight and not weight_seen:
-        raise missing_column_error(f"{src.path} (in every record)", cols.weight, first[0].keys())
+    if cols.weight and not weight_seen and kept:
+        raise missing_column_error(f"{src.name} (in every record)", cols.weight, first[0].keys())

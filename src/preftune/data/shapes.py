@@ -5,8 +5,12 @@ Shapes (``shape="auto"`` decides once per file, from its first record or its col
 - ``standard``: prompt, chosen and rejected are strings. The text of a pair is ``prompt + chosen`` exactly as
   written (no separator is inserted); the tokenizer's special tokens (e.g. a BOS from its post-processor) are
   added, and EOS is appended to each response as a token id when ``add_eos`` is set.
-- ``conversational``: prompt is a list of ``{role, content}`` messages; chosen/rejected are the assistant
-  turn(s), as a list of messages, one message, or a string (= one assistant message). Rendered with
+- ``conversational``: prompt is a list of ``{role, content}`` messages (multi-turn: earlier turns, assistant
+  ones included, are prompt), or a string (= one user message); chosen/rejected are the assistant turn(s), as a
+  list of messages, one message, or a string (= one assistant message). Or chosen and rejected are both whole
+  conversations (first message not an assistant's, as in UltraFeedback-style data): the prompt is their common
+  start, split as in ``implicit`` below, and the prompt column must agree with it (a list: equal to it; a
+  string: the content of one of its user messages). Rendered with
   ``tokenizer.apply_chat_template``: the prompt with ``add_generation_prompt=True``, the full conversation
   without it; the response text is the full text minus the rendered prompt, so the template must be
   *prefix-stable* (the rendered prompt must be a prefix of the rendered conversation). The rendered text already
@@ -22,33 +26,40 @@ Shapes (``shape="auto"`` decides once per file, from its first record or its col
 
 Roles allowed in messages: system, user, assistant, tool. Extra message keys are passed to the template.
 
-Turn structure (conversational and implicit messages; a violation is a `DataError` naming the file, line and
-field, since the row cannot mean what its shape says): the prompt ends with a ``user`` or ``tool`` message (the
-turn the response answers), and a response holds ``assistant`` messages only (a user or tool message inside a
-response would be scored as if the model had written it).
+System and tools columns (``Columns.system`` / ``Columns.tools``, used where a record has a non-empty value):
+the system message is put in front of a message prompt (an equal system message already there is kept; a
+different one is a `DataError`); tools (a list of JSON-schema tool definitions, or JSON text of one) are passed
+to ``apply_chat_template(..., tools=...)`` for the prompt and for each full conversation, so the boundary check
+is the same. A string prompt (``standard``, implicit strings) is not rendered with a template, so a system or
+tools value there is a `DataError` (set the shape to conversational to render it as messages).
 
-Message text cannot forge turns. A chat template writes its own markers (``<|im_start|>``, ``<|eot_id|>``, ...)
-around the messages, and the rendered text is tokenized with special tokens recognised, so a marker typed
-*inside* a message would become a real turn boundary. The choice made here is to refuse such rows: a message
-whose content (or any other string it carries besides its role) contains the text of one of the tokenizer's
-special tokens (``all_special_tokens`` and every added token marked special) is dropped as
-``special_token_in_content`` (counted; ``data.on_drop="error"`` makes it a `DataError` naming the field). This
-is exact and simple: the special tokens of a kept row are exactly the template's own. (The alternative, mapping
-content spans and tokenizing them with special tokens split, depends on how each template transforms its
-content and on tokenizers treating text segments independently.) Two limits, both deliberate: the template
-itself is trusted to write whole markers (none writes half a marker next to a message), and the string shapes
-are not checked, because their text is the model input exactly as written (pre-rendered chat text uses the
-markers on purpose). Added tokens that are not special (e.g. ``<think>``) are ordinary text and allowed.
+Turn structure, tools and forged turns (a special token's text typed in a message): see `preftune.data.chat`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .chat import (
+    PROMPT_END_ROLES,
+    ROLES,
+    check_prompt_column,
+    check_prompt_end,
+    forged_turn,
+    implicit_message_split,
+    messages,
+    parse_tools,
+    render_chat,
+    response,
+    show,
+    split_conversations,
+    whole_conversations,
+    with_system,
+)
 from .errors import DataError, Drop, Location, missing_column_error
 
 __all__ = [
@@ -56,40 +67,58 @@ __all__ = [
     "ROLES",
     "SHAPES",
     "Columns",
+    "Parsed",
     "Rendered",
     "detect_shape",
+    "implicit_message_split",
+    "implicit_text_split",
+    "parse_pair",
     "parse_weight",
     "render_pair",
     "special_token_pattern",
 ]
 
 SHAPES = ("standard", "conversational", "implicit")
-ROLES = ("system", "user", "assistant", "tool")
-PROMPT_END_ROLES = ("user", "tool")  # a prompt ends with the turn the response answers
 _FLOAT32_MAX = 3.4028234663852886e38  # weights are stored as float32
 
 
 @dataclass(frozen=True)
 class Columns:
-    """Where the fields live in a record."""
+    """Where the fields live in a record (``system`` / ``tools``: optional columns, used where present)."""
 
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
     weight: str | None = None
+    system: str | None = None
+    tools: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> Columns:
-        return cls(
-            getattr(cfg, "prompt_column", "prompt"),
-            getattr(cfg, "chosen_column", "chosen"),
-            getattr(cfg, "rejected_column", "rejected"),
-            getattr(cfg, "weight_column", None),
-        )
+    def from_config(cls, cfg: Any, base: Columns | None = None) -> Columns:
+        """From a DataConfig-like ``cfg``; with ``base``, a source's columns (its null fields: ``base``'s,
+        ``""``: none)."""
+        if base is None:
+            return cls(
+                getattr(cfg, "prompt_column", "prompt"),
+                getattr(cfg, "chosen_column", "chosen"),
+                getattr(cfg, "rejected_column", "rejected"),
+                getattr(cfg, "weight_column", None),
+                getattr(cfg, "system_column", "system"),
+                getattr(cfg, "tools_column", "tools"),
+            )
+        values = {}
+        for name in ("prompt", "chosen", "rejected", "weight", "system", "tools"):
+            value = getattr(cfg, f"{name}_column", None)
+            values[name] = getattr(base, name) if value is None else (value or None)
+        return cls(**values)
 
     def needed(self) -> list[str]:
         cols = [self.prompt, self.chosen, self.rejected]
         return [*cols, self.weight] if self.weight else cols
+
+    def optional(self) -> list[str]:
+        """Columns read where a record has them."""
+        return [c for c in (self.system, self.tools) if c]
 
 
 @dataclass(frozen=True)
@@ -102,6 +131,24 @@ class Rendered:
     chat: bool  # rendered by a chat template: add no special tokens and no EOS
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """One record validated, before rendering: three strings, or prompt and response messages (``chat``).
+
+    ``fields``: the message lists as the record names them (for the forged-turn check); ``tools``: the tool
+    definitions passed to the template."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+    tools: list[dict] | None = None
+    fields: tuple[tuple[str, list[dict]], ...] = ()
+
+    @property
+    def chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
 def detect_shape(
     forced: str,
     cols: Columns,
@@ -109,7 +156,8 @@ def detect_shape(
     columns: Sequence[str] | None,
     where: Location | str,
 ) -> str:
-    """The shape of a file, from ``forced`` (config) or its first record / column names."""
+    """The shape of a file, from ``forced`` (config) or its first record / column names: conversational when
+    its prompt or its chosen value is a list."""
     if forced not in ("auto", *SHAPES):
         raise DataError(f"data shape {forced!r} is not one of auto, {', '.join(SHAPES)}")
     keys = list(columns) if columns is not None else list(first or {})
@@ -124,8 +172,8 @@ def detect_shape(
         raise missing_column_error(where, cols.prompt, keys)
     if forced != "auto":
         return forced
-    value = first.get(cols.prompt) if first is not None else None
-    return "conversational" if isinstance(value, (list, tuple)) else "standard"
+    values = (first.get(cols.prompt), first.get(cols.chosen)) if first is not None else ()
+    return "conversational" if any(isinstance(v, (list, tuple)) for v in values) else "standard"
 
 
 def parse_weight(value: Any, loc: Location, field: str) -> float:
@@ -139,7 +187,7 @@ def parse_weight(value: Any, loc: Location, field: str) -> float:
         weight = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise DataError(
-            f"{loc}: field {field!r} must be a number (a pair weight), got {_show(value)}"
+            f"{loc}: field {field!r} must be a number (a pair weight), got {show(value)}"
         ) from None
     if not math.isfinite(weight) or weight < 0:
         raise DataError(f"{loc}: field {field!r} must be a finite number >= 0, got {weight}")
@@ -164,6 +212,60 @@ def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
 
+def parse_pair(record: dict, shape: str, cols: Columns, loc: Location) -> Parsed:
+    """Validate one record of ``shape`` (see the module docstring); no tokenizer needed."""
+    if shape == "standard":
+        _no_chat_columns(record, cols, loc)
+        prompt = _string(record, cols.prompt, loc, allow_empty=True)
+        return Parsed(
+            prompt, _string(record, cols.chosen, loc), _string(record, cols.rejected, loc)
+        )
+    if shape == "conversational":
+        chosen, rejected = _get(record, cols.chosen, loc), _get(record, cols.rejected, loc)
+        if whole_conversations(chosen, rejected):
+            parsed = Parsed(*split_conversations(chosen, rejected, cols.chosen, cols.rejected, loc))
+            check_prompt_column(_get(record, cols.prompt, loc), parsed.prompt, cols.prompt, loc)
+            return _with_columns(parsed, record, cols, loc)
+        value = _get(record, cols.prompt, loc)
+        if isinstance(value, str):
+            if not value.strip():
+                raise DataError(
+                    f"{loc}: field {cols.prompt!r} is empty; expected the user's message"
+                )
+            value = [{"role": "user", "content": value}]
+        prompt = messages(value, cols.prompt, loc)
+        if not prompt:
+            raise DataError(
+                f"{loc}: field {cols.prompt!r} is an empty list; expected at least one message"
+            )
+        check_prompt_end(prompt, cols.prompt, loc)
+        chosen = response(chosen, cols.chosen, loc)
+        rejected = response(rejected, cols.rejected, loc)
+        fields = ((cols.prompt, prompt), (cols.chosen, chosen), (cols.rejected, rejected))
+        return _with_columns(Parsed(prompt, chosen, rejected, None, fields), record, cols, loc)
+    if shape == "implicit":
+        chosen, rejected = _get(record, cols.chosen, loc), _get(record, cols.rejected, loc)
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            _no_chat_columns(record, cols, loc)
+            cut = implicit_text_split(chosen, rejected)
+            prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+            for name, text in ((cols.chosen, chosen), (cols.rejected, rejected)):
+                if not text.strip():
+                    raise DataError(
+                        f"{loc}: field {name!r} has an empty response after removing the common prompt "
+                        f"{show(prompt)}; expected a response after the shared text"
+                    )
+            return Parsed(prompt, chosen, rejected)
+        if isinstance(chosen, (list, tuple)) and isinstance(rejected, (list, tuple)):
+            parsed = Parsed(*split_conversations(chosen, rejected, cols.chosen, cols.rejected, loc))
+            return _with_columns(parsed, record, cols, loc)
+        raise DataError(
+            f"{loc}: fields {cols.chosen!r} and {cols.rejected!r} must both be strings or both be lists of "
+            f"messages (implicit prompt shape), got {type(chosen).__name__} and {type(rejected).__name__}"
+        )
+    raise DataError(f"data shape {shape!r} is not one of {', '.join(SHAPES)}")
+
+
 def render_pair(
     record: dict,
     shape: str,
@@ -178,63 +280,48 @@ def render_pair(
     ``specials``: ``special_token_pattern(tokenizer)``, computed here when not given (pass it when rendering
     many records).
     """
-    if specials is None and shape != "standard":
+    parsed = parse_pair(record, shape, cols, loc)
+    if not parsed.chat:
+        return Rendered(parsed.prompt, parsed.chosen, parsed.rejected, chat=False)  # type: ignore[arg-type]
+    if specials is None:
         specials = special_token_pattern(tokenizer)
-    if shape == "standard":
-        prompt = _string(record, cols.prompt, loc, allow_empty=True)
-        chosen = _string(record, cols.chosen, loc)
-        rejected = _string(record, cols.rejected, loc)
-        return Rendered(prompt, chosen, rejected, chat=False)
-    if shape == "conversational":
-        prompt_msgs = _messages(_get(record, cols.prompt, loc), cols.prompt, loc)
-        if not prompt_msgs:
+    tools = (cols.tools or "tools", parsed.tools) if parsed.tools else None
+    forged = forged_turn(specials, parsed.fields, tools)
+    if forged is not None:
+        return forged
+    texts = render_chat(
+        tokenizer,
+        parsed.prompt,  # type: ignore[arg-type]
+        parsed.chosen,  # type: ignore[arg-type]
+        parsed.rejected,  # type: ignore[arg-type]
+        loc,
+        parsed.tools,
+        cols.tools or "tools",
+    )
+    return Rendered(*texts, chat=True)
+
+
+def _with_columns(parsed: Parsed, record: dict, cols: Columns, loc: Location) -> Parsed:
+    """The system column's message in front of the prompt, the tools column's definitions attached."""
+    prompt = parsed.prompt
+    fields = parsed.fields
+    if cols.system:
+        prompt = with_system(prompt, record.get(cols.system), cols.system, loc)  # type: ignore[arg-type]
+        if prompt is not parsed.prompt:
+            fields = ((cols.system, prompt[:1]), *fields)
+    tools = parse_tools(record.get(cols.tools), cols.tools, loc) if cols.tools else None
+    return Parsed(prompt, parsed.chosen, parsed.rejected, tools, fields)
+
+
+def _no_chat_columns(record: dict, cols: Columns, loc: Location) -> None:
+    for name in (cols.system, cols.tools):
+        value = record.get(name) if name else None
+        if value is not None and value != "" and value != []:
             raise DataError(
-                f"{loc}: field {cols.prompt!r} is an empty list; expected at least one message"
+                f"{loc}: field {name!r} is set, but a string prompt is not rendered with a chat template; "
+                "set data.shape to conversational to render the prompt as messages with it (or set the "
+                f"column to null to ignore it)"
             )
-        _check_prompt_end(prompt_msgs, cols.prompt, loc)
-        chosen_msgs = _response(_get(record, cols.chosen, loc), cols.chosen, loc)
-        rejected_msgs = _response(_get(record, cols.rejected, loc), cols.rejected, loc)
-        forged = _forged_turn(
-            specials,
-            (
-                (cols.prompt, prompt_msgs),
-                (cols.chosen, chosen_msgs),
-                (cols.rejected, rejected_msgs),
-            ),
-        )
-        return forged or _render_chat(tokenizer, prompt_msgs, chosen_msgs, rejected_msgs, loc)
-    if shape == "implicit":
-        chosen, rejected = _get(record, cols.chosen, loc), _get(record, cols.rejected, loc)
-        if isinstance(chosen, str) and isinstance(rejected, str):
-            cut = implicit_text_split(chosen, rejected)
-            prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
-            for name, text in ((cols.chosen, chosen), (cols.rejected, rejected)):
-                if not text.strip():
-                    raise DataError(
-                        f"{loc}: field {name!r} has an empty response after removing the common prompt "
-                        f"{_show(prompt)}; expected a response after the shared text"
-                    )
-            return Rendered(prompt, chosen, rejected, chat=False)
-        if isinstance(chosen, (list, tuple)) and isinstance(rejected, (list, tuple)):
-            chosen = _messages(chosen, cols.chosen, loc)
-            rejected = _messages(rejected, cols.rejected, loc)
-            k = implicit_message_split(chosen, rejected)
-            if k == 0:
-                raise DataError(
-                    f"{loc}: fields {cols.chosen!r} and {cols.rejected!r} share no prompt (implicit shape): "
-                    "expected both conversations to start with the same messages, followed by an "
-                    "assistant message"
-                )
-            _check_prompt_end(chosen[:k], f"{cols.chosen}[:{k}] (the shared prompt)", loc)
-            chosen_resp = _response(chosen[k:], cols.chosen, loc, offset=k)
-            rejected_resp = _response(rejected[k:], cols.rejected, loc, offset=k)
-            forged = _forged_turn(specials, ((cols.chosen, chosen), (cols.rejected, rejected)))
-            return forged or _render_chat(tokenizer, chosen[:k], chosen_resp, rejected_resp, loc)
-        raise DataError(
-            f"{loc}: fields {cols.chosen!r} and {cols.rejected!r} must both be strings or both be lists of "
-            f"messages (implicit prompt shape), got {type(chosen).__name__} and {type(rejected).__name__}"
-        )
-    raise DataError(f"data shape {shape!r} is not one of {', '.join(SHAPES)}")
 
 
 def implicit_text_split(chosen: str, rejected: str) -> int:
@@ -243,21 +330,6 @@ def implicit_text_split(chosen: str, rejected: str) -> int:
     while n > 0 and not chosen[n - 1].isspace():
         n -= 1
     return n
-
-
-def implicit_message_split(chosen: list[dict], rejected: list[dict]) -> int:
-    """Prompt length in messages: common prefix, shortened until both remainders start with the assistant."""
-    k = 0
-    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-        k += 1
-    while k > 0 and not (
-        k < len(chosen)
-        and k < len(rejected)
-        and chosen[k].get("role") == "assistant"
-        and rejected[k].get("role") == "assistant"
-    ):
-        k -= 1
-    return k
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -278,11 +350,6 @@ def _get(record: dict, name: str, loc: Location) -> Any:
     return record[name]
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _string(record: dict, name: str, loc: Location, *, allow_empty: bool = False) -> str:
     value = _get(record, name, loc)
     if not isinstance(value, str):
@@ -296,134 +363,3 @@ def _string(record: dict, name: str, loc: Location, *, allow_empty: bool = False
     if not allow_empty and not value.strip():
         raise DataError(f"{loc}: field {name!r} is an empty response; expected non-empty text")
     return value
-
-
-def _messages(value: Any, field: str, loc: Location) -> list[dict]:
-    if not isinstance(value, (list, tuple)):
-        kind = "null" if value is None else type(value).__name__
-        raise DataError(
-            f"{loc}: field {field!r} must be a list of {{role, content}} messages, got {kind}"
-        )
-    out = []
-    for i, msg in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError(
-                f"{loc}: field {where!r} must be a {{role, content}} message, got {_show(msg)}"
-            )
-        role = msg.get("role")
-        if role is None:
-            raise DataError(
-                f"{loc}: field {where + '.role'!r} is missing; expected one of {', '.join(ROLES)}"
-            )
-        if role not in ROLES:
-            raise DataError(
-                f"{loc}: field {where + '.role'!r} has unknown role {_show(role)}; expected one of "
-                f"{', '.join(ROLES)}"
-            )
-        if "content" not in msg:
-            raise DataError(f"{loc}: field {where + '.content'!r} is missing; expected a string")
-        content = msg["content"]
-        if not isinstance(content, str) and not (content is None and msg.get("tool_calls")):
-            kind = "null" if content is None else type(content).__name__
-            raise DataError(f"{loc}: field {where + '.content'!r} must be a string, got {kind}")
-        out.append({k: v for k, v in msg.items() if v is not None})
-    return out
-
-
-def _response(value: Any, field: str, loc: Location, offset: int = 0) -> list[dict]:
-    """The response messages: assistant turns only. ``offset``: index of the first one in ``field``."""
-    if isinstance(value, str):
-        value = [{"role": "assistant", "content": value}]
-    elif isinstance(value, dict):
-        value = [value]
-    msgs = _messages(value, field, loc)
-    if not msgs or msgs[0]["role"] != "assistant":
-        first = "nothing" if not msgs else f"role {msgs[0]['role']!r}"
-        raise DataError(
-            f"{loc}: field {field!r} must start with an assistant message (the response), got {first}"
-        )
-    for i, msg in enumerate(msgs):
-        if msg["role"] != "assistant":
-            raise DataError(
-                f"{loc}: field {f'{field}[{offset + i}].role'!r} is {msg['role']!r}; a response holds "
-                "assistant messages only (put earlier turns in the prompt)"
-            )
-    if not any(m.get("content", "").strip() or m.get("tool_calls") for m in msgs):
-        raise DataError(
-            f"{loc}: field {field!r} is an empty response; expected non-empty assistant content"
-        )
-    return msgs
-
-
-def _check_prompt_end(msgs: list[dict], field: str, loc: Location) -> None:
-    role = msgs[-1]["role"]
-    if role not in PROMPT_END_ROLES:
-        raise DataError(
-            f"{loc}: field {field!r} ends with a {role!r} message; a prompt must end with a "
-            f"{' or '.join(PROMPT_END_ROLES)} message (the turn the response answers)"
-        )
-
-
-def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(path, text) of every string inside a message value (content, name, tool call arguments, ...)."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(item, f"{path}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _strings(item, f"{path}[{i}]")
-
-
-def _forged_turn(
-    specials: re.Pattern[str] | None, fields: Sequence[tuple[str, list[dict]]]
-) -> Drop | None:
-    """A `Drop` when a message carries the text of a special token (see the module docstring)."""
-    if specials is None:
-        return None
-    for field, msgs in fields:
-        for i, msg in enumerate(msgs):
-            for key, value in msg.items():
-                if key == "role":  # validated against ROLES
-                    continue
-                for path, text in _strings(value, f"{field}[{i}].{key}"):
-                    found = specials.search(text)
-                    if found:
-                        return Drop(
-                            "special_token_in_content",
-                            f"field {path!r} contains the special token {found.group()!r} as text",
-                        )
-    return None
-
-
-def _render_chat(
-    tokenizer: Any, prompt: list[dict], chosen: list[dict], rejected: list[dict], loc: Location
-) -> Rendered:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{loc}: conversational data needs a tokenizer with a chat_template; this tokenizer has none "
-            "(set one, or give prompt/chosen/rejected as strings)"
-        )
-    try:
-        prompt_text = tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True
-        )
-        responses = []
-        for response in (chosen, rejected):
-            full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-            if not full.startswith(prompt_text):
-                raise DataError(
-                    f"{loc}: the chat template is not prefix-stable: the rendered prompt (with the generation "
-                    "prompt) is not a prefix of the rendered conversation, so the response boundary is "
-                    f"undefined.\n  prompt ends: {_show(prompt_text[-60:])}\n  conversation at that point: "
-                    f"{_show(full[max(0, len(prompt_text) - 60) : len(prompt_text)])}\n"
-                    "Use a template whose generation prompt equals the start of a rendered assistant turn."
-                )
-            responses.append(full[len(prompt_text) :])
-    except DataError:
-        raise
-    except Exception as e:  # jinja errors, raise_exception() in templates
-        raise DataError(f"{loc}: the chat template failed on this conversation: {e}") from None
-    return Rendered(prompt_text, responses[0], responses[1], chat=True)

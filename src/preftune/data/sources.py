@@ -1,4 +1,4 @@
-"""Reading records from files: which files, which format, and where each record came from.
+"""Reading records: which inputs, which format, and where each record came from.
 
 Formats (``format="auto"`` picks by extension; ``.gz`` is allowed on the text formats):
 
@@ -8,35 +8,36 @@ Formats (``format="auto"`` picks by extension; ``.gz`` is allowed on the text fo
 - ``csv`` (``.csv``; ``.tsv`` is tab-separated): header row first; quoted fields may span lines; errors name the
   1-based line where the record starts. Cells are strings, so CSV holds the standard/implicit string shapes.
 - ``parquet`` (``.parquet``, ``.pq``): read in record batches of the needed columns, memory-mapped.
-- ``arrow``: a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` folder gives its
-  ``train`` split for training files and its ``validation``/``eval``/``test`` split for eval files) or a single
-  ``.arrow`` file written by ``datasets``; memory-mapped, read in batches.
+- ``arrow``: a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` folder gives the split
+  asked for, else its ``train`` split for training data and its ``validation``/``eval``/``test`` split for eval
+  data) or a single ``.arrow`` file written by ``datasets``; memory-mapped, read in batches.
+- ``hub``: a Hub dataset ``org/name`` (see `preftune.data.hub`): a string shaped so that is not an existing
+  path. A missing local path is an error, never a network lookup.
 
-Text is UTF-8; a BOM is skipped and Windows line endings are accepted. Invalid UTF-8 raises a `DataError`
-naming the line and the byte offset. So does JSON text holding an invalid UTF-16 surrogate escape (a lone
-``\ud800``-``\udfff``, which Python's JSON reader accepts but no tokenizer or Arrow file can hold), naming the
-line (or row) and the field. A file that cannot be read (permissions, a folder) or decompressed (not gzip,
-truncated, corrupt) is a `DataError` naming the file and the line reached.
+The text formats (UTF-8, BOM, gzip, surrogate checks) are read by `preftune.data.textfiles`.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import glob
-import gzip
-import io
 import json
 import os
-import re
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import hub
 from .errors import DataError, Location
+from .textfiles import Bad, csv_header, read_csv, read_json, read_jsonl
 
-__all__ = ["FORMATS", "SourceFile", "read_records", "resolve_files", "source_columns"]
+__all__ = [
+    "FORMATS",
+    "SourceFile",
+    "count_records",
+    "read_records",
+    "resolve_files",
+    "source_columns",
+]
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
 _EXTENSIONS = {
@@ -50,28 +51,47 @@ _EXTENSIONS = {
     ".pq": "parquet",
     ".arrow": "arrow",
 }
-_EVAL_SPLITS = ("validation", "eval", "test")
 _BATCH_ROWS = 1024  # rows materialised as Python objects at a time for Parquet/Arrow
 
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input: a file (or a saved-dataset folder), its format, and for a DatasetDict the split to read."""
+    """One input: a file, a saved-dataset folder or a Hub dataset (``format="hub"``, ``path`` its id), its
+    format, and the split to read (DatasetDict folders, Hub datasets), Hub configuration and revision."""
 
     path: str
     format: str
     split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How messages and locations name it."""
+        if self.format == "hub":
+            return hub.describe(self.path, self.config, self.split)
+        return self.path if self.split is None else f"{self.path} [split {self.split}]"
 
 
 def resolve_files(
-    patterns: Sequence[str], fmt: str = "auto", *, role: str = "train"
+    patterns: Sequence[str],
+    fmt: str = "auto",
+    *,
+    role: str = "train",
+    split: str | None = None,
+    config: str | None = None,
+    revision: str | None = None,
 ) -> list[SourceFile]:
-    """Expand paths and globs (sorted, de-duplicated) and settle each file's format."""
+    """Expand paths and globs (sorted, de-duplicated), recognise Hub ids, and settle each input's format.
+
+    ``split`` applies to DatasetDict folders and Hub datasets, ``config`` and ``revision`` to Hub datasets.
+    """
     if isinstance(patterns, str):
         patterns = [patterns]
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     paths: list[str] = []
+    found: list[SourceFile] = []
     for pattern in patterns:
         expanded = os.path.expanduser(os.path.expandvars(str(pattern)))
         if glob.has_magic(expanded):
@@ -80,19 +100,41 @@ def resolve_files(
                 raise DataError(f"{role} files: no file matches the pattern {pattern!r}")
         elif os.path.exists(expanded):
             matches = [expanded]
+        elif hub.looks_like_hub_id(str(pattern)):
+            found.append(_hub_source(str(pattern), role, split, config, revision))
+            continue
         else:
             raise DataError(f"{role} files: {pattern!r} does not exist")
-        paths.extend(m for m in matches if m not in paths)
-    if not paths:
+        if config is not None or revision is not None:
+            raise DataError(
+                f"{pattern}: config and revision apply to Hub datasets; this is a local path"
+            )
+        for m in matches:
+            if m not in paths:
+                paths.append(m)
+                found.append(_source_file(m, fmt, role, split))
+    if not found:
         raise DataError(f"{role} files: none given")
-    return [_source_file(p, fmt, role) for p in paths]
+    return found
 
 
-def _source_file(path: str, fmt: str, role: str) -> SourceFile:
+def _hub_source(
+    repo: str, role: str, split: str | None, config: str | None, revision: str | None
+) -> SourceFile:
+    where = hub.describe(repo, config, None)
+    names = hub.split_names(repo, config, revision)
+    fix = "Name one with a data source's split (data.sources: [{path: ..., split: ...}])"
+    chosen = hub.choose_split(names, split, role, where, fix)
+    return SourceFile(repo, "hub", chosen, config, revision)
+
+
+def _source_file(path: str, fmt: str, role: str, split: str | None = None) -> SourceFile:
     if os.path.isdir(path):
         if fmt not in ("auto", "arrow"):
             raise DataError(f"{path}: is a folder, but format {fmt!r} expects a file")
-        return SourceFile(path, "arrow", _dataset_dict_split(path, role))
+        return SourceFile(path, "arrow", _dataset_dict_split(path, role, split))
+    if split is not None:
+        raise DataError(f"{path}: a split applies to Hub datasets and DatasetDict folders")
     if fmt == "auto":
         stem = path[:-3] if path.endswith(".gz") else path
         fmt = _EXTENSIONS.get(os.path.splitext(stem)[1].lower(), "")
@@ -105,7 +147,7 @@ def _source_file(path: str, fmt: str, role: str) -> SourceFile:
     return SourceFile(path, fmt)
 
 
-def _dataset_dict_split(path: str, role: str) -> str | None:
+def _dataset_dict_split(path: str, role: str, split: str | None) -> str | None:
     dict_file = os.path.join(path, "dataset_dict.json")
     if not os.path.exists(dict_file):
         if not os.path.exists(os.path.join(path, "state.json")):
@@ -113,254 +155,54 @@ def _dataset_dict_split(path: str, role: str) -> str | None:
                 f"{path}: a folder must be a dataset saved with datasets' save_to_disk "
                 "(state.json or dataset_dict.json not found); give files or a glob instead"
             )
+        if split is not None:
+            raise DataError(
+                f"{path}: a saved Dataset, not a DatasetDict: it has no split {split!r}"
+            )
         return None
     with open(dict_file, encoding="utf-8") as f:
         splits = list(json.load(f).get("splits", []))
-    wanted = ("train",) if role == "train" else _EVAL_SPLITS
-    for name in wanted:
-        if name in splits:
-            return name
-    if len(splits) == 1:
-        return splits[0]
-    raise DataError(
-        f"{path}: a DatasetDict with splits {splits}; none is named {' / '.join(wanted)} for the {role} data. "
-        "Save the split you want on its own (dataset_dict[split].save_to_disk(...))"
-    )
+    fix = "Name one with a data source's split, or save the split you want on its own"
+    return hub.choose_split(splits, split, role, f"{path}: a DatasetDict with", fix)
 
 
 def source_columns(src: SourceFile) -> list[str] | None:
-    """Column names of a tabular source (Parquet, Arrow, CSV header), or None for JSON/JSONL."""
+    """Column names of a tabular source (Parquet, Arrow, Hub, CSV header), or None for JSON/JSONL."""
     if src.format == "parquet":
         return list(_parquet_file(src.path).schema_arrow.names)
-    if src.format == "arrow":
+    if src.format in ("arrow", "hub"):
         return list(_load_arrow(src).column_names)
     if src.format == "csv":
-        for header, _ in _csv_rows(src.path):
-            return header
-        return []
+        return csv_header(src.path)
     return None
 
 
+def count_records(src: SourceFile, bad: Bad | None = None) -> int:
+    """How many records ``read_records`` yields (from metadata where the format has it)."""
+    if src.format == "parquet":
+        return int(_parquet_file(src.path).metadata.num_rows)
+    if src.format in ("arrow", "hub"):
+        return len(_load_arrow(src))
+    return sum(1 for _ in read_records(src, columns=(), bad=[] if bad is not None else None))
+
+
 def read_records(
-    src: SourceFile, columns: Iterable[str] | None = None
+    src: SourceFile, columns: Iterable[str] | None = None, bad: Bad | None = None
 ) -> Iterator[tuple[dict, Location]]:
-    """Yield ``(record, location)`` for each record. ``columns`` limits what columnar formats read."""
+    """Yield ``(record, location)`` for each record. ``columns`` limits what columnar formats read;
+    ``bad`` collects malformed rows of the text formats instead of raising (see `textfiles`)."""
     if src.format == "jsonl":
-        yield from _read_jsonl(src.path)
+        yield from read_jsonl(src.path, bad)
     elif src.format == "json":
-        yield from _read_json(src.path)
+        yield from read_json(src.path, bad)
     elif src.format == "csv":
-        yield from _read_csv(src.path)
+        yield from read_csv(src.path, bad)
     elif src.format == "parquet":
         yield from _read_parquet(src.path, columns)
-    elif src.format == "arrow":
+    elif src.format in ("arrow", "hub"):
         yield from _read_arrow(src, columns)
     else:  # pragma: no cover - resolve_files guards this
         raise DataError(f"{src.path}: unknown format {src.format!r}")
-
-
-# ----------------------------------------------------------------------------------------- text formats
-
-
-# Lone UTF-16 surrogates: JSON escapes \ud800-\udfff that are not part of a valid pair survive json.loads.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# What reading a (gzip) file raises: OSError (gzip.BadGzipFile too), EOFError (truncated), zlib.error.
-_READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-def _open_binary(path: str) -> io.BufferedIOBase:
-    try:
-        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
-
-
-def _read_error(path: str, line: int | None, e: BaseException) -> DataError:
-    """A failure reading or decompressing ``path`` (at 1-based ``line``, if known) as one clear message."""
-    where = path if line is None else f"{path}, line {line}"
-    if not path.endswith(".gz"):
-        return DataError(f"{where}: cannot read the file ({e})")
-    if isinstance(e, EOFError):
-        why = "the compressed data ends early (a truncated download or copy?)"
-    elif isinstance(e, gzip.BadGzipFile) and "Not a gzipped file" in str(e):
-        why = "it is not gzip data"
-    else:
-        why = f"corrupt gzip data ({e})"
-    return DataError(
-        f"{where}: cannot decompress: {why}; expected a complete gzip file "
-        "(check it with `gzip -t`)"
-    )
-
-
-def _raw_lines(f: io.BufferedIOBase, path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, bytes) for each line; read and decompression failures become DataErrors."""
-    lineno = 0
-    while True:
-        try:
-            raw = f.readline()
-        except _READ_ERRORS as e:
-            raise _read_error(path, lineno + 1, e) from None
-        if not raw:
-            return
-        lineno += 1
-        yield lineno, raw
-
-
-def _decoded_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text with its line ending) for each line, strict UTF-8, BOM skipped."""
-    offset = 0
-    with _open_binary(path) as f:
-        for lineno, raw in _raw_lines(f, path):
-            start = offset
-            offset += len(raw)
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _utf8_error(f"{path}, line {lineno}", raw, e, start) from None
-
-
-def _utf8_error(where: str, raw: bytes, e: UnicodeDecodeError, base: int) -> DataError:
-    return DataError(
-        f"{where}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte offset {base + e.start} of the file "
-        f"(byte {e.start + 1} of the line); expected UTF-8 text. Re-encode the file as UTF-8 "
-        "(e.g. `iconv -f latin1 -t utf-8`)"
-    )
-
-
-def _read_jsonl(path: str) -> Iterator[tuple[dict, Location]]:
-    for lineno, text in _decoded_lines(path):
-        text = text.strip()
-        if not text:
-            continue
-        loc = Location(path, line=lineno)
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{loc}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{loc}: expected a JSON object per line, got {type(obj).__name__}")
-        if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-            _check_surrogates(obj, loc)
-        yield obj, loc
-
-
-def _check_surrogates(record: dict, loc: Location) -> None:
-    for field, text in _strings_in(record, ""):
-        found = _SURROGATE.search(text)
-        if found:
-            bad = found.group()
-            raise DataError(
-                f"{loc}: field {field!r} holds an invalid UTF-16 surrogate escape "
-                f"(\\u{ord(bad):04x} without its pair); expected valid Unicode text"
-            )
-
-
-def _strings_in(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(field path, text) of every string in a JSON value, keys included."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            name = f"{path}.{key}" if path else str(key)
-            yield f"{name} (the key)", str(key)
-            yield from _strings_in(item, name)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _strings_in(item, f"{path}[{i}]")
-
-
-def _read_json(path: str) -> Iterator[tuple[dict, Location]]:
-    with _open_binary(path) as f:
-        try:
-            data = f.read()
-        except _READ_ERRORS as e:
-            raise _read_error(path, None, e) from None
-    data = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        line = data.count(b"\n", 0, e.start) + 1
-        raise _utf8_error(
-            f"{path}, line {line}", data[line_start:], _shift(e, line_start), line_start
-        ) from None
-    del data
-    surrogates = "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # one object per line in a .json file: read it as JSONL
-            yield from _read_jsonl(path)
-            return
-        raise DataError(
-            f"{path}, line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-            "expected a list of records (or JSONL, one object per line)"
-        ) from None
-    del text
-    if isinstance(obj, dict):
-        for key in ("data", "train"):
-            if isinstance(obj.get(key), list):
-                obj = obj[key]
-                break
-        else:
-            raise DataError(
-                f"{path}: expected a JSON list of records or an object with a 'data' or 'train' list; "
-                f"got an object with keys {list(obj)[:10]}"
-            )
-    if not isinstance(obj, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(obj).__name__}")
-    for row, record in enumerate(obj):
-        loc = Location(path, row=row)
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{loc}: expected a JSON object (a record), got {type(record).__name__}"
-            )
-        if surrogates:
-            _check_surrogates(record, loc)
-        yield record, loc
-
-
-def _shift(e: UnicodeDecodeError, by: int) -> UnicodeDecodeError:
-    return UnicodeDecodeError(e.encoding, e.object, e.start - by, e.end - by, e.reason)
-
-
-def _csv_rows(path: str) -> Iterator[tuple[list[str], int]]:
-    """(fields, 1-based line where the record starts) for each non-blank CSV record."""
-    delimiter = "\t" if path.removesuffix(".gz").lower().endswith(".tsv") else ","
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # very long cells are fine
-    lines = (text for _, text in _decoded_lines(path))
-    reader = csv.reader(lines, delimiter=delimiter)
-    consumed = 0
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise DataError(f"{path}, line {consumed + 1}: malformed CSV ({e})") from None
-        start, consumed = consumed + 1, reader.line_num
-        if fields:
-            yield fields, start
-
-
-def _read_csv(path: str) -> Iterator[tuple[dict, Location]]:
-    header: list[str] | None = None
-    for fields, line in _csv_rows(path):
-        if header is None:
-            header = [h.strip() for h in fields]
-            continue
-        loc = Location(path, line=line)
-        if len(fields) != len(header):
-            raise DataError(
-                f"{loc}: expected {len(header)} fields (header: {', '.join(header)}), got {len(fields)}; "
-                "quote fields that contain the delimiter, quotes or newlines"
-            )
-        yield dict(zip(header, fields)), loc
 
 
 # ------------------------------------------------------------------------------------ columnar formats
@@ -387,6 +229,9 @@ def _read_parquet(path: str, columns: Iterable[str] | None) -> Iterator[tuple[di
 
 
 def _load_arrow(src: SourceFile) -> Any:
+    if src.format == "hub":
+        assert src.split is not None
+        return hub.dataset(src.path, src.config, src.split, src.revision)
     import datasets
 
     try:
@@ -402,7 +247,7 @@ def _read_arrow(src: SourceFile, columns: Iterable[str] | None) -> Iterator[tupl
     ds = _load_arrow(src)
     if columns is not None:
         ds = ds.select_columns([c for c in columns if c in ds.column_names])
-    where = src.path if src.split is None else f"{src.path} [split {src.split}]"
+    where = src.name
     ds = ds.with_format(
         None
     )  # plain Python values even if the dataset was saved with a torch format

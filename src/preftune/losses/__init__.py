@@ -98,7 +98,11 @@ from preftune.losses.unpaired import (
     mismatched_indices,
 )
 
+#: Every loss name ``loss.name`` may take: the pair losses and the unpaired ones.
+ALL_LOSSES = {**LOSSES, **UNPAIRED_LOSSES}
+
 __all__ = [
+    "ALL_LOSSES",
     "F_DIVERGENCES",
     "LOSSES",
     "UNPAIRED_LOSSES",

@@ -1,7 +1,9 @@
 """Typed batches of preference pairs, one class per layout, and the collators that build them.
 
 Examples are dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists, arrays or tensors) and
-optionally ``weight`` (default 1.0) and ``index`` (default: position in the batch).
+optionally ``weight`` (default 1.0) and ``index`` (default: position in the batch). Unpaired rows (KTO)
+come in the same shape: ``chosen_ids`` is the row's completion, ``rejected_ids`` the completion of another
+prompt (its KL row), and ``label`` says whether the completion is desirable.
 
 :class:`PaddedBatch` (:func:`collate_padded`): 2B rows, chosen first (``0..B-1`` = prompt + chosen of pair
 ``i``), then rejected (``B..2B-1``), padded to the longest row of this batch. ``completion_mask`` is 1 exactly
@@ -39,6 +41,7 @@ class PairBatch:
 
     weights: Tensor  # [B] float32
     index: Tensor  # [B] int64 (row of the dataset; the precomputed reference looks it up)
+    labels: Tensor | None = None  # [B] bool, unpaired rows only (desirable?)
     placeholder: bool = False
 
     def to(self, device: torch.device | str, non_blocking: bool = False):
@@ -133,10 +136,13 @@ def _triple(ex: dict, i: int) -> tuple[list[int], list[int], list[int]]:
 
 
 def _pair_fields(examples: Sequence[dict]) -> dict[str, Tensor]:
-    return {
+    fields = {
         "weights": torch.tensor([float(ex.get("weight", 1.0)) for ex in examples]),
         "index": torch.tensor([int(ex.get("index", i)) for i, ex in enumerate(examples)]),
     }
+    if "label" in examples[0]:
+        fields["labels"] = torch.tensor([bool(ex["label"]) for ex in examples])
+    return fields
 
 
 def _check(examples: Sequence[dict], pad_token_id: int | None, padding_side: str) -> None:
