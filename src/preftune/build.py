@@ -27,6 +27,7 @@ from preftune.model import (
     compile_blocks,
     load_model,
     load_tokenizer,
+    prepare_model,
     resolve_source,
 )
 from preftune.model.arch import lora_exclusions, router_aux
@@ -100,16 +101,27 @@ def autocast_factory(
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch_dtype)
 
 
-def build_policy_model(cfg: Config, device: torch.device) -> nn.Module:
-    """The trainable model: loaded (dropout off), LoRA-wrapped when configured, in training mode."""
-    model = load_model(
-        model_source(cfg),
-        device=device,
-        attn_implementation=cfg.model.attn_implementation,
-        dropout=cfg.model.dropout,
-        trust_remote_code=cfg.model.trust_remote_code,
-        output_router_logits=cfg.model.output_router_logits,
-    )
+def build_policy_model(
+    cfg: Config, device: torch.device, model: nn.Module | None = None
+) -> nn.Module:
+    """The trainable model: loaded from ``model.path`` (or the ``model`` given in memory), dropout off,
+    LoRA-wrapped when configured, in training mode."""
+    if model is not None:
+        model = prepare_model(
+            model,
+            device=device,
+            dropout=cfg.model.dropout,
+            output_router_logits=cfg.model.output_router_logits,
+        )
+    else:
+        model = load_model(
+            model_source(cfg),
+            device=device,
+            attn_implementation=cfg.model.attn_implementation,
+            dropout=cfg.model.dropout,
+            trust_remote_code=cfg.model.trust_remote_code,
+            output_router_logits=cfg.model.output_router_logits,
+        )
     if cfg.model.output_router_logits and router_aux(model) is None:
         raise ModelError(
             f"model.output_router_logits: {type(model).__name__} computes no router load-balancing "

@@ -85,13 +85,14 @@ def check_device(device: torch.device) -> torch.device:
     return device
 
 
-def run_facts(cfg: Config, tokenizer, data, dist: DistContext) -> dict:
-    """What defines the run besides its settings, cheap to measure (model files, not weights)."""
+def run_facts(cfg: Config, tokenizer, data, dist: DistContext, model=None) -> dict:
+    """What defines the run besides its settings, cheap to measure (model files, not weights); a model
+    given in memory has no files: its class and a hash of its weights stand for it."""
     dtype = cfg.model.dtype
     if dtype == "auto":  # as build.autocast_factory resolves it
         dtype = "bfloat16" if dist.device.type == "cuda" else "float32"
     facts = {
-        "model": model_facts(build.model_source(cfg)),
+        "model": model_facts(build.model_source(cfg)) if model is None else _memory_facts(model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": data.fingerprint,
         "world_size": dist.world_size,
@@ -102,6 +103,12 @@ def run_facts(cfg: Config, tokenizer, data, dist: DistContext) -> dict:
         ref = resolve_source(cfg.reference.path, setting="reference.path")
         facts["reference_model"] = model_facts(ref)
     return facts
+
+
+def _memory_facts(model) -> dict:
+    from preftune.reference import hash_weights
+
+    return {"in_memory": type(model).__name__, "weights": hash_weights(model)}
 
 
 def forced(cfg: Config) -> bool:

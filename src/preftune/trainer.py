@@ -29,7 +29,7 @@ from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed
 from preftune.evaluation import StepMetrics, evaluate
 from preftune.lifecycle import TrainingError, TrainingInterrupted
-from preftune.model import Layout, PairBatch, resolve_device
+from preftune.model import Layout, PairBatch, prepare_tokenizer, resolve_device
 from preftune.runfolder import RunFolder, check_resume, run_fingerprint, write_fingerprint
 from preftune.tracking import MetricsLogger, ProgressBar, read_metrics, write_json
 
@@ -47,19 +47,23 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, *, model=None, tokenizer=None) -> TrainResult:
+    """Train as ``cfg`` says; ``model`` / ``tokenizer``: objects in memory instead of ``model.path``'s
+    (the Python API, :func:`preftune.api.train`)."""
     device = lifecycle.check_device(resolve_device(cfg.train.device))
     dist = init_distributed(device, cfg.train.parallel, cpu_offload=cfg.train.fsdp_cpu_offload)
     with dist.running():  # a failure names its rank; the process group is torn down at the end
         if not dist.is_main:
-            return _train(cfg, dist, None)
+            return _train(cfg, dist, None, model, tokenizer)
         # Rank 0 owns the folder: locked against a second run, and removed again (or emptied) when the
         # run fails before its first step.
         with RunFolder(cfg.train.output_dir) as folder:
-            return _train(cfg, dist, folder)
+            return _train(cfg, dist, folder, model, tokenizer)
 
 
-def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainResult:
+def _train(
+    cfg: Config, dist: DistContext, folder: RunFolder | None, model, tokenizer
+) -> TrainResult:
     device = dist.device
     run_dir = Path(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
@@ -67,7 +71,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
     show = cfg.log.progress and dist.is_main
 
     # Data: tokenized once (cached; rank 0 first, the others read its cache), drops written to the run folder.
-    tokenizer = build.build_tokenizer(cfg)
+    tokenizer = build.build_tokenizer(cfg) if tokenizer is None else prepare_tokenizer(tokenizer)
     with dist.main_first():
         data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
     if len(data.train) == 0:
@@ -75,7 +79,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
 
     # Fresh start or resume, checked against the settings the run started with -- before any model loads,
     # so that a refused resume fails in seconds. The layout and reference key are compared once known.
-    fp = run_fingerprint(cfg, lifecycle.run_facts(cfg, tokenizer, data, dist))
+    fp = run_fingerprint(cfg, lifecycle.run_facts(cfg, tokenizer, data, dist, model))
     source, changes = lifecycle.open_run(cfg, run_dir, fp, folder)
     resuming = bool(dist.broadcast_int(int(source is not None)))
 
@@ -83,7 +87,7 @@ def _train(cfg: Config, dist: DistContext, folder: RunFolder | None) -> TrainRes
     # only then a checkpoint's weights.
     if dist.parallel == "fsdp" and cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
         raise TrainingError("model.lora.merge_on_save is not supported with train.parallel=fsdp")
-    policy_model = build.build_policy_model(cfg, dist.load_device)
+    policy_model = build.build_policy_model(cfg, dist.load_device, model)
     build.check_vocab(cfg, tokenizer, policy_model)
     ref_model = build.load_reference_model(cfg, dist.load_device)
     if ref_model is not None:

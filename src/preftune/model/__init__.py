@@ -17,6 +17,8 @@ from .loading import (
     disable_dropout,
     load_model,
     load_tokenizer,
+    prepare_model,
+    prepare_tokenizer,
     resolve_device,
     resolve_source,
 )
@@ -43,6 +45,8 @@ __all__ = [
     "find_decoder",
     "load_model",
     "load_tokenizer",
+    "prepare_model",
+    "prepare_tokenizer",
     "resolve_device",
     "resolve_source",
     "split_lm_head",

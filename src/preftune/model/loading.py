@@ -40,6 +40,8 @@ __all__ = [
     "disable_dropout",
     "load_model",
     "load_tokenizer",
+    "prepare_model",
+    "prepare_tokenizer",
     "resolve_device",
     "resolve_source",
 ]
@@ -151,6 +153,11 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
         )
     except _LOAD_ERRORS as e:
         raise ModelError(f"cannot load a tokenizer from {source}: {_one_line(e)}") from e
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """Give a tokenizer a pad token when it has none (EOS, else UNK); returns it."""
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out everywhere; any id works, EOS is the conventional choice.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token else tokenizer.unk_token
@@ -251,6 +258,37 @@ def load_model(
     if not dropout:
         disable_dropout(model)
     model.config.use_cache = False
+    return model.to(device)
+
+
+def prepare_model(
+    model: nn.Module,
+    *,
+    device: torch.device,
+    dropout: bool = False,
+    output_router_logits: bool | None = None,
+) -> nn.Module:
+    """A causal LM given in memory, made what :func:`load_model` returns: fp32 master weights (bf16 comes
+    from autocast), every dropout-like setting off unless asked, no KV cache; the router term as asked."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings"):
+        raise ModelError(
+            f"model: expected a transformers causal LM (PreTrainedModel), got {type(model).__name__}"
+        )
+    if output_router_logits is not None:
+        if not hasattr(config, "output_router_logits"):
+            if output_router_logits:
+                raise ModelError(
+                    f"model.output_router_logits: {type(config).__name__} has no MoE router"
+                )
+        else:
+            config.output_router_logits = output_router_logits
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        log.info("model: %s converted to fp32 master weights", type(model).__name__)
+        model = model.float()
+    if not dropout:
+        disable_dropout(model)
+    config.use_cache = False
     return model.to(device)
 
 
