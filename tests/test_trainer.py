@@ -425,3 +425,99 @@ def test_compile_opt_in_gives_the_same_logged_run(tiny_dir, pairs_file, tmp_path
     for ra, rb in zip(read_metrics(a.output_dir), read_metrics(b.output_dir), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
         assert rb["logps/chosen"] == pytest.approx(ra["logps/chosen"], rel=1e-5, abs=1e-5)
+
+
+def test_lora_resumes_bitwise_from_adapter_only_checkpoints(tiny_dir, pairs_file, tmp_path):
+    """A LoRA checkpoint holds the adapters only (the base is model.path's): resuming from it ends where an
+    uninterrupted run ends."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from preftune.config import LoraConfig
+    from preftune.trainer import train
+
+    over = {
+        "train__max_steps": 4, "train__save_every": 2, "optim__lr": 1e-2,
+        "model__lora": LoraConfig(enabled=True, r=4, alpha=8.0),
+    }  # fmt: skip
+    full = train(make_cfg(tiny_dir, pairs_file, tmp_path / "full", **over))
+    cut = tmp_path / "cut"
+    shutil.copytree(full.output_dir, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    resumed = train(make_cfg(tiny_dir, pairs_file, cut, **over))
+    wa = load_file(full.final_model_dir / "adapter_model.safetensors")
+    wb = load_file(resumed.final_model_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_orpo_logs_its_odds_ratio_and_nll_terms_and_they_add_up(tiny_dir, pairs_file, tmp_path):
+    """ORPO = λ·odds-ratio term + NLL: both are logged (loss/orpo/odds_ratio, loss/orpo/nll) and sum to the
+    logged loss; a weighted combination logs each term (loss/sigmoid, loss/sft)."""
+    from preftune.trainer import train
+
+    orpo = train(
+        make_cfg(tiny_dir, pairs_file, tmp_path / "orpo", loss__name=["orpo"], train__max_steps=2)
+    )
+    for r in read_metrics(orpo.output_dir):
+        total = r["loss/orpo/odds_ratio"] + r["loss/orpo/nll"]
+        assert total == pytest.approx(r["loss"], rel=1e-5, abs=1e-7)
+        assert r["loss/orpo/nll"] > 0
+    combo = train(
+        make_cfg(
+            tiny_dir, pairs_file, tmp_path / "combo", loss__name=["sigmoid", "sft"],
+            loss__weights=[1.0, 0.5], train__max_steps=2,
+        )
+    )  # fmt: skip
+    for r in read_metrics(combo.output_dir):
+        assert r["loss/sigmoid"] + r["loss/sft"] == pytest.approx(r["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_eval_points_at_step_zero_and_once_at_the_end(tiny_dir, pairs_file, tmp_path):
+    from preftune.trainer import train
+
+    result = train(
+        make_cfg(
+            tiny_dir, pairs_file, tmp_path / "run", train__max_steps=4, train__eval_every=2,
+            data__eval_fraction=0.25,
+        )
+    )  # fmt: skip
+    evals = [r["step"] for r in read_metrics(result.output_dir, split="eval")]
+    assert evals == [0, 2, 4]  # the last eval is the final eval, not run twice
+    assert result.final_eval and "rewards/accuracies" in result.final_eval
+
+
+def test_final_folder_has_a_model_card_and_the_run_report_says_how_it_went(
+    tiny_dir, pairs_file, tmp_path, caplog
+):
+    import logging
+
+    import yaml
+
+    from preftune.trainer import train
+
+    with caplog.at_level(logging.INFO, logger="preftune"):
+        result = train(
+            make_cfg(
+                tiny_dir, pairs_file, tmp_path / "run", train__max_steps=2, optim__warmup_steps=3
+            )
+        )
+    card = (result.final_model_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(tiny_dir) and "sigmoid" in front["tags"]
+    assert "preftune train preftune_config.yaml" in card and str(pairs_file) in card
+    saved = yaml.safe_load((result.final_model_dir / "preftune_config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 2
+    config = json.loads((result.final_model_dir / "config.json").read_text())
+    assert config["use_cache"] is True  # training turns the cache off; generation wants it back
+    report = json.loads((result.output_dir / "report.json").read_text())
+    assert (
+        report["wall_time_s"] > 0 and report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
+    )
+    assert [f["rule"] for f in report["diagnostics"]] == ["long_warmup"]  # 3 of 2 steps
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("model: LlamaForCausalLM") for line in lines)
+    assert any(line.startswith("schedule: 2 optimizer steps") for line in lines)

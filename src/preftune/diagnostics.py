@@ -352,6 +352,26 @@ def check_unbounded_margins(
 # The watcher the trainer calls
 
 
+def check_long_warmup(warmup_steps: int, total_steps: int) -> Finding | None:
+    """Warm-up of half the run or more: the learning rate peaks late (or never), so most steps train at a
+    fraction of ``optim.lr`` — e.g. an example config's ``warmup_steps: 150`` on a 12-step run."""
+    if total_steps <= 0 or warmup_steps * 2 < total_steps:
+        return None
+    share = min(warmup_steps, total_steps) / total_steps
+    return Finding(
+        rule="long_warmup",
+        step=0,
+        symptom=(
+            f"warm-up is {warmup_steps} steps of a {total_steps}-step run: the learning rate stays below "
+            f"its peak for {share:.0%} of the run"
+        ),
+        causes=["optim.warmup_steps set for a longer run (it overrides optim.warmup_ratio)"],
+        advice=[
+            "lower optim.warmup_steps, or set it to null and use optim.warmup_ratio (e.g. 0.1)"
+        ],
+    )
+
+
 class Diagnostics:
     """Holds the metric histories, runs the rules after each observation, reports each finding once.
 
@@ -405,6 +425,10 @@ class Diagnostics:
                 check_unbounded_margins(t, loss_names=self.loss_names),
             ]
         )
+
+    def observe_setup(self, total_steps: int) -> list[Finding]:
+        """Findings about the run's settings, before the first step (a warm-up too long for the run)."""
+        return self._emit([check_long_warmup(self.warmup_steps, total_steps)])
 
     def observe_eval(self, metrics: Mapping[str, Any], step: int | None = None) -> list[Finding]:
         """Record one evaluation (keys plain or ``eval/``-prefixed); return new findings.

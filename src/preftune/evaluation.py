@@ -29,13 +29,23 @@ class StepMetrics:
     def reset(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, Tensor] = {}
+        self.terms: dict[str, Tensor] = {}  # named parts of the loss, summed like it
         self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps = 0
 
-    def add(self, loss_contribution: Tensor, values: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """One micro-batch: its share of the window loss (already normalised) and ``{name: (sum, count)}``."""
+    def add(
+        self,
+        loss_contribution: Tensor,
+        values: dict[str, tuple[Tensor, Tensor]],
+        terms: dict[str, Tensor] | None = None,
+    ) -> None:
+        """One micro-batch: its share of the window loss (already normalised), ``{name: (sum, count)}``,
+        and its share of each named part of the loss (read like the loss: per optimizer step)."""
         self.loss += loss_contribution.detach().double()
+        for name, value in (terms or {}).items():
+            value = value.detach().double().to(self.device)
+            self.terms[name] = self.terms[name] + value if name in self.terms else value.clone()
         for name, (total, count) in values.items():
             total = total.detach().double().to(self.device)
             count = torch.as_tensor(count, dtype=torch.float64, device=self.device)
@@ -50,23 +60,33 @@ class StepMetrics:
         self.steps += 1
 
     def packed(self) -> tuple[list[str], Tensor]:
-        """``(names, [sums..., counts..., loss])`` in name order: what the ranks sum together."""
-        names = sorted(self.sums)
+        """``(names, [sums..., counts..., terms..., loss])`` in name order (terms after the metric names):
+        what the ranks sum together."""
+        names, terms = sorted(self.sums), sorted(self.terms)
         parts = [self.sums[n].view(1) for n in names] + [self.counts[n].view(1) for n in names]
-        return names, torch.cat([*parts, self.loss.view(1)])
+        parts += [self.terms[n].view(1) for n in terms]
+        return [*names, *terms], torch.cat([*parts, self.loss.view(1)])
 
     def unpack(self, names: list[str], packed: Tensor) -> None:
-        k = len(names)
+        terms = [n for n in names if n in self.terms]
+        names = [n for n in names if n not in self.terms]
+        k, t = len(names), len(terms)
         self.sums = {n: packed[i].clone() for i, n in enumerate(names)}
         self.counts = {n: packed[k + i].clone() for i, n in enumerate(names)}
-        self.loss = packed[2 * k].clone()
+        self.terms = {n: packed[2 * k + i].clone() for i, n in enumerate(terms)}
+        self.loss = packed[2 * k + t].clone()
 
     def pop(self) -> dict[str, float]:
         """Means since the last read (one host sync), then reset. A metric with count 0 is left out."""
-        names, packed = self.packed()
+        all_names, packed = self.packed()
         values = torch.cat([packed, self.grad_norm.view(1)]).tolist()
-        k = len(names)
-        row = {"loss": values[2 * k] / max(self.steps, 1)}
+        terms = [n for n in all_names if n in self.terms]
+        names = [n for n in all_names if n not in self.terms]
+        k, t = len(names), len(terms)
+        steps = max(self.steps, 1)
+        row = {"loss": values[2 * k + t] / steps}
+        for i, name in enumerate(terms):
+            row[name] = values[2 * k + i] / steps
         for i, name in enumerate(names):
             if values[k + i] > 0:
                 row[name] = values[i] / values[k + i]
@@ -118,7 +138,11 @@ def evaluate(
                 pol = layout.logps(module, batch)
                 ref = reference.logps(batch, split) if reference else None
                 loss, out = objective(pol, ref, batch, total_pairs, total_tokens, window)
-            metrics.add(loss, objective.metrics(out, pol, batch))
+            metrics.add(
+                loss,
+                objective.metrics(out, pol, batch),
+                objective.terms(out, batch, total_pairs, total_tokens),
+            )
     finally:
         module.train(was_training)
     metrics.steps = 1
@@ -140,8 +164,10 @@ def evaluate_model(
 ) -> dict[str, float]:
     """``preftune eval``: implicit-reward accuracy and margins of ``model`` against ``ref``.
 
-    ``model`` and ``ref`` are model folders, .gguf files or Hub ids. Without a reference the rewards are
-    β·(average log-prob) of the policy alone (as for SimPO).
+    ``model`` and ``ref`` are model folders, .gguf files, Hub ids or LoRA adapter folders. Without a
+    reference there is no implicit reward: the row holds the model's log-probs (summed and per-token
+    averaged) and ``avg_logp_accuracy``, the share of pairs whose chosen response has the higher mean
+    per-token log-prob.
     """
     from preftune.build import build_objective, build_tokenizer
     from preftune.config import Config
@@ -190,4 +216,8 @@ def evaluate_model(
         split="train",
     )
     row["pairs"] = float(len(data.train))
+    if not ref:  # SimPO with γ = 0 compared β·mean log-probs: say what that measured
+        row["avg_logp_accuracy"] = row.pop("rewards/accuracies")
+        for key in [k for k in row if k.startswith("rewards/") or k == "loss"]:
+            row.pop(key)
     return row

@@ -45,8 +45,10 @@ __all__ = [
     "check_device",
     "forced",
     "load_state",
+    "log_summary",
     "no_space_message",
     "open_run",
+    "peak_memory_bytes",
     "restore",
     "run_facts",
     "save_final",
@@ -208,22 +210,88 @@ def _chain(e: BaseException | None):
         e = e.__cause__ or e.__context__
 
 
-def save_final(run_dir: Path, model, tokenizer, cfg: Config, state_dict=None) -> Path:
-    """The final model as an ordinary Hugging Face folder (adapter folder with LoRA, plus merged on request).
+def log_summary(cfg: Config, model, layout, reference, data, *, total_steps: int, warmup: int) -> None:
+    """The start-of-run summary (rank 0, before the first step): what will be trained, how, for how long."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    log.info(
+        "model: %s, %.1fM parameters, %.1fM trainable%s",
+        type(model).__name__,
+        total / 1e6,
+        trainable / 1e6,
+        " (LoRA)" if cfg.model.lora.enabled else "",
+    )
+    log.info(
+        "reference: %s%s",
+        type(reference).__name__.removesuffix("Reference").lower() if reference else "none",
+        f" (sync {cfg.reference.sync.mode} every {cfg.reference.sync.every})"
+        if cfg.reference.sync.mode != "none"
+        else "",
+    )
+    log.info(
+        "schedule: %d optimizer steps of %d pairs per device (x%d accumulation), %d of %d training "
+        "pairs per epoch; warm-up %d steps, then %s",
+        total_steps,
+        cfg.train.batch_size,
+        cfg.train.grad_accum,
+        len(data.train),
+        data.rows_read if isinstance(data.rows_read, int) else len(data.train),
+        warmup,
+        cfg.optim.scheduler,
+    )
 
-    ``state_dict``: the full weights gathered from FSDP shards (None: the model's own).
+
+def peak_memory_bytes(device) -> int | None:
+    """The process's peak memory: CUDA ``max_memory_allocated``, else the resident high-water mark."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def save_final(
+    run_dir: Path, model, tokenizer, cfg: Config, state_dict=None, card: dict | None = None
+) -> Path:
+    """The final model as an ordinary Hugging Face folder (adapter folder with LoRA, plus merged on request),
+    with the tokenizer (its chat template included), the generation config and a model card.
+
+    ``state_dict``: the full weights gathered from FSDP shards (None: the model's own). ``card``: keyword
+    arguments of :func:`preftune.modelcard.write_model_card` (steps, final eval, data fingerprint, drops).
+    The saved config has ``use_cache`` back on: training turns the KV cache off, generation wants it.
     """
+    from preftune.model import unwrap_causal_lm
+    from preftune.modelcard import write_model_card
+
     final = run_dir / "final"
     tmp = run_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    config = unwrap_causal_lm(model).config
+    config.use_cache = True
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    finally:
+        config.use_cache = False
     tokenizer.save_pretrained(tmp)
+    if card is not None:
+        write_model_card(tmp, cfg, **card)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
         merged = model.merge_and_unload()
+        merged.config.use_cache = True
         merged.save_pretrained(run_dir / "final-merged", safe_serialization=True)
         tokenizer.save_pretrained(run_dir / "final-merged")
+        if card is not None:
+            write_model_card(run_dir / "final-merged", cfg, **card)
     return final
 
 

@@ -100,6 +100,17 @@ class Objective:
             metrics["aux_loss"] = (pol.aux_loss.detach() * b, b)
         return _zeroed(metrics) if batch.placeholder else metrics
 
+    def terms(
+        self, out: LossOutput, batch: PairBatch, n_pairs: float, n_tokens: float
+    ) -> dict[str, Tensor]:
+        """This micro-batch's share of each named part of the loss (``loss/<name>``: the weighted terms of
+        a combination, ORPO's odds-ratio and NLL terms), reduced like the loss (before WPO's weights)."""
+        w = batch.weights
+        return {
+            f"loss/{name}": ((w * pair).sum() / n_pairs + (w * token).sum() / n_tokens).detach()
+            for name, (pair, token) in out.parts.items()
+        }
+
     def __call__(
         self,
         pol: SequenceLogps,
@@ -196,6 +207,9 @@ class KTOObjective:
         if pol.aux_loss is not None:
             loss = loss + pol.aux_loss * (batch.num_pairs / n_pairs)
         return loss, out
+
+    def terms(self, out, batch: PairBatch, n_pairs: float, n_tokens: float) -> dict[str, Tensor]:
+        return {}  # one term
 
     def metrics(
         self, out, pol: SequenceLogps, batch: PairBatch

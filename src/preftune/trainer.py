@@ -64,6 +64,7 @@ def train(cfg: Config, *, model=None, tokenizer=None) -> TrainResult:
 def _train(
     cfg: Config, dist: DistContext, folder: RunFolder | None, model, tokenizer
 ) -> TrainResult:
+    t_start = time.perf_counter()
     device = dist.device
     run_dir = Path(cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
@@ -154,15 +155,32 @@ def _train(
             warmup_steps=build.warmup_steps(cfg, total_steps),
         )
     bar = ProgressBar(total=total_steps, initial=state.step, enabled=show, is_main=dist.is_main)
+    if dist.is_main:
+        lifecycle.log_summary(
+            cfg, policy_model, layout, reference, data,
+            total_steps=total_steps, warmup=build.warmup_steps(cfg, total_steps),
+        )  # fmt: skip
+    if diagnostics is not None:
+        for finding in diagnostics.observe_setup(total_steps):
+            bar.write(format_warning(finding))
+
+    last_eval: dict[int, dict[str, float]] = {}  # step -> metrics: the final eval is not run twice
 
     def run_eval() -> dict[str, float]:
-        return _run_eval(
-            model, reference, data.eval, layout, objective, cfg, device, autocast, state,
-            metrics_log, diagnostics, bar,
-        )  # fmt: skip
+        if state.step not in last_eval:
+            last_eval.clear()
+            last_eval[state.step] = _run_eval(
+                model, reference, data.eval, layout, objective, cfg, device, autocast, state,
+                metrics_log, diagnostics, bar,
+            )  # fmt: skip
+        return last_eval[state.step]
+
+    if cfg.train.eval_every and data.eval is not None and state.step == 0:
+        run_eval()  # a step-0 point: the curves start at the starting policy
 
     window_metrics = StepMetrics(device)
     t_log, tokens_since_log = time.perf_counter(), 0
+    t_loop, tokens_total = time.perf_counter(), 0
     stop = lifecycle.StopFlag()
     try:
         while state.step < total_steps:
@@ -180,11 +198,13 @@ def _train(
                 examples = [[data.train[i] for i in idx] for idx in window]
                 micro = [layout.collate(ex) if ex else placeholder for ex in examples]
                 # Throughput counts each prompt once, whatever the layout (issue 7's definition).
-                tokens_since_log += sum(
+                window_tokens = sum(
                     len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
                     for ex in examples
                     for e in ex
                 )
+                tokens_since_log += window_tokens
+                tokens_total += window_tokens
                 n_pairs = window_backward(
                     model,
                     reference,
@@ -267,9 +287,16 @@ def _train(
         if cfg.train.save_final:
             full_state = dist.full_state_dict(policy_model)  # FSDP: gathered to rank 0; else None
             if dist.is_main:
-                lifecycle.save_final(run_dir, policy_model, tokenizer, cfg, full_state)
+                card = {
+                    "steps": state.step,
+                    "final_eval": final_eval,
+                    "data_fingerprint": data.fingerprint,
+                    "drops": data.drops,
+                }
+                lifecycle.save_final(run_dir, policy_model, tokenizer, cfg, full_state, card)
             dist.barrier()
             final_dir = run_dir / "final"
+        tokens_total = dist.sum(tokens_total)  # a collective: every rank, before rank 0 reports
         if dist.is_main:
             report = {
                 "steps": state.step,
@@ -277,6 +304,9 @@ def _train(
                 "final_eval": final_eval,
                 "diagnostics": diagnostics.report() if diagnostics else [],
                 "layout": layout.facts(),
+                "wall_time_s": time.perf_counter() - t_start,
+                "tokens_per_s": tokens_total / max(time.perf_counter() - t_loop, 1e-9),
+                "peak_memory_bytes": lifecycle.peak_memory_bytes(device),
                 "drops": data.drops,
                 "resume_changes": read_metrics(run_dir, split="resume"),
             }
@@ -344,7 +374,11 @@ def window_backward(
             # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
             (loss * dist.world_size).backward()
         if metrics is not None:  # a placeholder adds zeros (the same names on every rank)
-            metrics.add(loss.detach(), objective.metrics(out, pol, batch))
+            metrics.add(
+                loss.detach(),
+                objective.metrics(out, pol, batch),
+                objective.terms(out, batch, n_pairs, n_tokens),
+            )
     return int(n_pairs)
 
 

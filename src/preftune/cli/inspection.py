@@ -82,7 +82,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2))
         return 0
     print(f"model: {model}")
-    print(f"ref:   {ref or '(none: rewards are beta * mean per-token log-prob, as in SimPO)'}")
+    print(
+        f"ref:   {ref or '(none: no implicit reward; avg_logp_accuracy = share of pairs whose chosen '}"
+        f"{'' if ref else 'response has the higher mean per-token log-prob)'}"
+    )
     print(f"data:  {data_file}  (beta={args.beta})")
     print(_table(metrics))
     return 0
@@ -148,8 +151,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         cmd_eval,
         help="implicit-reward accuracy, margins and log-probs on a preference file",
         description="Score a model on preference pairs. With --ref, rewards are beta * (log pi - log "
-        "pi_ref) and accuracy is the share of pairs whose chosen reward is higher; without it, only "
-        "the policy's log-probs are reported.",
+        "pi_ref) and accuracy is the share of pairs whose chosen reward is higher; without it, the "
+        "policy's log-probs and avg_logp_accuracy (the share of pairs whose chosen response has the "
+        "higher mean per-token log-prob). --model/--ref take folders, .gguf files, Hub ids and LoRA "
+        "adapter folders.",
         example_lines="""
             preftune eval --model runs/dpo/final --ref models/Qwen2.5-0.5B-Instruct --data test.jsonl
             preftune eval --model runs/dpo/final --data test.jsonl --json
@@ -160,7 +165,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ref", metavar="MODEL", help="reference model (default: none)")
     p.add_argument("--data", required=True, metavar="FILE", help="preference data file")
-    p.add_argument("--beta", type=float, default=0.1, help="reward scale beta (default: 0.1)")
+    p.add_argument(
+        "--beta", type=float, default=0.1, help="reward scale beta, with --ref (default: 0.1)"
+    )
     p.add_argument(
         "--batch-size", type=int, default=8, metavar="N", help="pairs per batch (default: 8)"
     )

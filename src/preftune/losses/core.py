@@ -29,6 +29,9 @@ class LossOutput:
     chosen_rewards: Tensor  # [B] detached
     rejected_rewards: Tensor  # [B] detached
     chosen_tokens: Tensor  # [B] response token counts of the chosen responses
+    # For logging, detached: name -> (pair part [B], token part [B]) of each weighted term of a
+    # combination, and of the named components of a loss that has two (ORPO: odds_ratio, nll).
+    parts: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def reduce(
         self,
@@ -69,6 +72,8 @@ class LossSpec:
     choices: Mapping[str, tuple[str, ...]] = field(
         default_factory=dict
     )  # string-valued hyperparameters and their allowed values (f_dpo's f_divergence)
+    # Names of the pair part and the token part when a loss has both (ORPO), logged separately.
+    components: tuple[str, str] | None = None
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import difflib
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from preftune.losses.core import LossOutput, LossSpec, _missing_reference
@@ -69,6 +70,7 @@ LOSSES: dict[str, LossSpec] = {
         {"beta": 0.1, "orpo_lambda": 0.1},
         "averages",
         "ORPO: NLL + λ·odds-ratio term, reference-free",
+        components=("odds_ratio", "nll"),
     ),
     "bco_pair": LossSpec(bco_pair, True, dict(_BETA), "sums", "paired binary classifier loss"),
     "nca_pair": LossSpec(nca_pair, True, dict(_BETA), "sums", "paired noise-contrastive alignment"),
@@ -240,7 +242,17 @@ def compute_loss(
                 **kwargs,
             )
         )
+    parts = {}
+    for name, w, out, spec in zip(names, weights, outputs, specs):
+        pair, token = (w * out.losses).detach(), (w * out.token_losses).detach()
+        if len(names) > 1:
+            parts[name] = (pair, token)
+        if spec.components is not None:
+            pair_name, token_name = spec.components
+            parts[f"{name}/{pair_name}"] = (pair, torch.zeros_like(token))
+            parts[f"{name}/{token_name}"] = (torch.zeros_like(pair), token)
     if len(outputs) == 1 and weights[0] == 1.0:
+        outputs[0].parts = parts
         return outputs[0]
     rewards_from = next(
         (o for o, s in zip(outputs, specs) if s.defines_rewards),
@@ -252,4 +264,5 @@ def compute_loss(
         chosen_rewards=rewards_from.chosen_rewards,
         rejected_rewards=rewards_from.rejected_rewards,
         chosen_tokens=chosen_tokens,
+        parts=parts,
     )

@@ -21,6 +21,7 @@ Every failure to load becomes a :class:`ModelError` naming the source and the re
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -208,9 +209,32 @@ def load_model(
     trust_remote_code: bool = False,
     output_router_logits: bool | None = None,
 ) -> nn.Module:
-    """A causal LM in fp32 master weights (bf16 is applied by autocast), dropout off unless asked."""
+    """A causal LM in fp32 master weights (bf16 is applied by autocast), dropout off unless asked.
+
+    A LoRA adapter folder (``adapter_config.json``, no ``config.json``: a LoRA run's ``final/``) loads its
+    base model (``base_model_name_or_path``, resolved like any model source) with the adapter merged in.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    base = _adapter_base(source)
+    if base is not None:
+        model = load_model(
+            resolve_source(base, setting=f"{source}/adapter_config.json base_model_name_or_path"),
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            dropout=dropout,
+            trust_remote_code=trust_remote_code,
+            output_router_logits=output_router_logits,
+        )
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ModelError(f"{source} is a LoRA adapter: pip install 'preftune[lora]'") from None
+        try:
+            return PeftModel.from_pretrained(model, source.name_or_path).merge_and_unload()
+        except _LOAD_ERRORS as e:
+            raise ModelError(f"cannot load the LoRA adapter {source}: {_one_line(e)}") from e
     kwargs = source.pretrained_kwargs()
     try:
         config = AutoConfig.from_pretrained(
@@ -259,6 +283,23 @@ def load_model(
         disable_dropout(model)
     model.config.use_cache = False
     return model.to(device)
+
+
+def _adapter_base(source: ModelSource) -> str | None:
+    """The base model of a local LoRA adapter folder, else None."""
+    folder = Path(source.name_or_path)
+    if not source.local or source.gguf_file or (folder / "config.json").is_file():
+        return None
+    adapter = folder / "adapter_config.json"
+    if not adapter.is_file():
+        return None
+    try:
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{adapter}: unreadable ({_one_line(e)})") from e
+    if not base:
+        raise ModelError(f"{adapter}: no base_model_name_or_path (which model does it adapt?)")
+    return str(base)
 
 
 def prepare_model(
