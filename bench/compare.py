@@ -682,7 +682,7 @@ def worker_preftune(spec: dict, out: Path) -> None:
                 "resume": "never",
                 "save_final": False,
             },
-            "log": {"log_every": 1, "progress": False, "tensorboard": False},
+            "log": {"log_every": 1, "progress": False, "report_to": []},
         }
     )
     if mode == "padded":

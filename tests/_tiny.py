@@ -109,7 +109,7 @@ def tiny_train_config(model_dir: Path, data_file: Path, out: Path, **over):
     cfg.optim.warmup_ratio = 0.0
     cfg.log.log_every = 1
     cfg.log.progress = False
-    cfg.log.tensorboard = False
+    cfg.log.report_to = []
     for key, value in over.items():
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)

@@ -60,7 +60,7 @@ def test_notebook_run_with_objects_in_memory(tmp_path):
     result = preftune.train(
         {"loss": {"name": "sigmoid", "beta": 0.1}, "data": {"max_length": 64, "max_prompt_length": 32}},
         [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.batch_size=4",
-         "log.progress=false", "log.tensorboard=false", "optim.lr=1e-3", "log.log_every=1"],
+         "log.progress=false", "log.report_to=[none]", "optim.lr=1e-3", "log.log_every=1"],
         model=model,
         tokenizer=tokenizer,
         train_data=pairs,

@@ -34,7 +34,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "loss": {"name": "sigmoid", "beta": 0.1},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "train": {"output_dir": str(root / "run"), "max_steps": 3, "batch_size": 4, "seed": 0},
-        "log": {"log_every": 1, "progress": False, "tensorboard": False},
+        "log": {"log_every": 1, "progress": False, "report_to": []},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -91,7 +91,8 @@ def test_eval_against_the_reference(capsys, trained, tiny):
         abs_tol=1e-6,
     )
     code, out, _ = run(capsys, *argv, "--max-length", "48")
-    assert code == 0 and "logps/chosen" in out and "(none: rewards are beta" in out
+    assert code == 0 and "logps/chosen" in out and "(none: no implicit reward" in out
+    assert "avg_logp_accuracy" in out and "rewards/" not in out
 
 
 def test_plot_and_generate_on_the_run(capsys, trained):

@@ -212,7 +212,7 @@ def test_bad_input_is_one_line_exit_2(case, good, tmp_path, capsys, monkeypatch)
         "model": {"path": str(good["model"])},
         "data": {"train_files": [str(good["data"])], "max_length": 48, "max_prompt_length": 24},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 4},
-        "log": {"progress": False, "tensorboard": False},
+        "log": {"progress": False, "report_to": []},
     }
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(base))

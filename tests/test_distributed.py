@@ -243,7 +243,8 @@ def test_fsdp_matches_ddp(runs):
     assert m_fsdp[0]["grad_norm"] == pytest.approx(m_ddp[0]["grad_norm"], rel=1e-5)
     worst = _assert_close_weights(ddp, fsdp)
     e_ddp, e_fsdp = _metrics(ddp, "eval"), _metrics(fsdp, "eval")
-    assert [r["step"] for r in e_fsdp] == [r["step"] for r in e_ddp] == [2, 4, 4]
+    # A step-0 point, then every eval_every steps; the last one is the final eval (not run twice).
+    assert [r["step"] for r in e_fsdp] == [r["step"] for r in e_ddp] == [0, 2, 4]
     assert e_fsdp[-1]["loss"] == pytest.approx(e_ddp[-1]["loss"], rel=1e-4)
     ckpt = fsdp / "checkpoints" / "step-00000004"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "dcp").is_dir()

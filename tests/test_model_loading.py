@@ -133,7 +133,7 @@ common = ["data.max_length=48", "data.max_prompt_length=24", "data.cache_dir={tm
 codes = [
     main(["train", "{config}", "model.path=acme/tiny-chat", "model.revision={revision}",
           "data.train_files=[{data}]", "train.output_dir={tmp_path / "run"}", "train.max_steps=2",
-          "train.batch_size=4", "log.progress=false", "log.tensorboard=false", *common]),
+          "train.batch_size=4", "log.progress=false", "log.report_to=[none]", *common]),
     main(["eval", "--model", "acme/tiny-chat", "--ref", "acme/tiny-chat", "--data", "{data}",
           "--max-length", "48", "--json"]),
     main(["generate", "--model", "acme/tiny-chat", "--prompt", "abc?", "--max-new-tokens", "3"]),

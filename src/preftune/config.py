@@ -36,6 +36,7 @@ from preftune.data.spec import (
     DataConfig,
     SourceConfig,
     check_data,
+    check_examples,
 )
 
 __all__ = [
@@ -207,7 +208,20 @@ class TrainConfig:
 class LogConfig:
     log_every: int = _f(10, "print a metrics line every N steps")
     progress: bool = _f(True, "show a progress bar")
-    tensorboard: bool = _f(True, "also write TensorBoard events when tensorboard is installed")
+    report_to: list[str] = _f(
+        ["tensorboard"],
+        "trackers that also get the metrics, besides metrics.jsonl: any of tensorboard, wandb, mlflow, "
+        "trackio (each an extra: pip install 'preftune[wandb]'); [none] or [] for metrics.jsonl only",
+    )
+    run_name: str | None = _f(None, "the run's name in the trackers (default: output_dir's name)")
+    project: str | None = _f(
+        None,
+        "W&B project / MLflow experiment / trackio project (default: $WANDB_PROJECT or "
+        "$MLFLOW_EXPERIMENT_NAME when set, else preftune)",
+    )
+    tensorboard: bool | None = _f(
+        None, "deprecated, use log.report_to: false drops tensorboard from it, true adds it"
+    )
     diagnostics: bool = _f(True, "watch metrics and warn about known failure patterns")
 
 
@@ -339,6 +353,7 @@ def validate(cfg: Config) -> None:
             f"loss.name: {unpaired[0]} trains on unpaired rows and cannot be combined with "
             f"{[n for n in cfg.loss.name if n not in unpaired]}"
         )
+    check_examples(cfg.data, bool(unpaired), ",".join(cfg.loss.name))
     if cfg.loss.weights is not None and len(cfg.loss.weights) != len(cfg.loss.name):
         raise ConfigError(
             f"loss.weights: {len(cfg.loss.weights)} weights for {len(cfg.loss.name)} losses {cfg.loss.name}"
@@ -394,6 +409,10 @@ def validate(cfg: Config) -> None:
             f"{suggest(cfg.train.device, ('auto', 'cpu', 'cuda', 'mps'))}"
         )
     _check_resume_setting(cfg.train.resume)
+    # log.report_to: known trackers, and the library of each installed (before any model loads).
+    from preftune.tracking import check_report_to
+
+    check_report_to(cfg.log)
 
 
 #: (key, lowest allowed, whether the lowest is allowed, may be null). Every bound also refuses NaN and

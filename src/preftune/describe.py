@@ -5,6 +5,10 @@ truncations, token-length percentiles, the padding share at the configured batch
 rendered examples with the response tokens in ⟦brackets⟧, and warnings (plain-text prompts for a model with a
 chat template). Without one (`check_dataset`): every record validated, the schema, bad rows with file, line and
 field, and character-length percentiles.
+
+Unpaired rows (KTO, `preftune.data.unpaired`): the same report per row (the completion and its KL row in
+place of chosen and rejected), plus the desirable:undesirable counts, their ratio, and the KTO paper's
+weighting rule (§4.2: keep λ_D·n_D / (λ_U·n_U) in [1, 4/3]) as the weight to set when it does not hold.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_dataset", "describe_dataset", "format_check", "format_description"]
+__all__ = [
+    "check_dataset",
+    "describe_dataset",
+    "format_check",
+    "format_description",
+    "label_lines",
+]
 
 _FIELDS = ("prompt", "chosen", "rejected")
+_ROW_NAMES = {"prompt": "prompt", "chosen": "completion", "rejected": "KL row"}
 _PERCENTILES = (50, 90, 99)
 _OPEN, _CLOSE = "⟦", "⟧"
 
@@ -24,7 +35,9 @@ def check_dataset(cfg: Any, max_bad: int = 20) -> dict[str, Any]:
     """Validate ``cfg.data`` without a tokenizer (see `preftune.data.check`)."""
     from preftune.data.check import check_records
 
-    return check_records(cfg.data, seed=cfg.train.seed, max_bad=max_bad)
+    report = check_records(cfg.data, seed=cfg.train.seed, max_bad=max_bad)
+    report["label_weights"] = _weights(cfg) if report["unpaired"] else None
+    return report
 
 
 def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, Any]:
@@ -41,10 +54,15 @@ def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, A
         row_lengths,
     )
 
-    data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed, warn=False)
+    kto = _kto(cfg)
+    data = load_preference_data(
+        cfg.data, tokenizer, seed=cfg.train.seed, warn=False, unpaired=True if kto else None
+    )
     train, eval_ = data.train, data.eval
     n_train, n_eval = len(train), (len(eval_) if eval_ is not None else 0)
     lengths = _token_lengths(train)
+    if data.unpaired:
+        lengths = {_ROW_NAMES.get(k, k): v for k, v in lengths.items()}
 
     padding: dict[str, Any] = {
         "batch_size": cfg.train.batch_size,
@@ -81,7 +99,60 @@ def describe_dataset(cfg: Any, tokenizer: Any, examples: int = 3) -> dict[str, A
         "padding": padding,
         "examples": [_render(train[i], tokenizer) for i in range(min(examples, n_train))],
         "cache_path": data.cache_path,
+        "unpaired": data.unpaired,
+        "labels": data.labels.get("train") if data.unpaired else None,
+        "label_weights": _weights(cfg) if data.unpaired else None,
     }
+
+
+def _kto(cfg: Any) -> bool:
+    from preftune.losses import UNPAIRED_LOSSES
+
+    return any(name in UNPAIRED_LOSSES for name in cfg.loss.name)
+
+
+def _weights(cfg: Any) -> tuple[float, float]:
+    """(λ_D, λ_U) as configured for kto (1, 1 for another loss)."""
+    params = cfg.loss.params if _kto(cfg) else {}
+    return (
+        float(params.get("desirable_weight", 1.0)),
+        float(params.get("undesirable_weight", 1.0)),
+    )
+
+
+def label_lines(labels: dict[str, int], weights: tuple[float, float] = (1.0, 1.0)) -> list[str]:
+    """The desirable:undesirable counts and ratio, and the KTO paper's weighting advice (§4.2)."""
+    from preftune.data.unpaired import ratio_text, weight_advice
+
+    n_d, n_u = labels["desirable"], labels["undesirable"]
+    ratio = ratio_text(n_d, n_u)
+    lines = [f"labels:    {n_d} desirable : {n_u} undesirable ({ratio})"]
+    if n_d == 0 or n_u == 0:
+        missing = "desirable" if n_d == 0 else "undesirable"
+        lines.append(
+            f"weights:   no {missing} rows: KTO learns from both kinds, and the paper's rule "
+            "(λ_D·n_D / (λ_U·n_U) in [1, 4/3]) cannot hold"
+        )
+        return lines
+    advice = weight_advice(n_d, n_u, *weights)
+    shown = f"desirable_weight {weights[0]:g}, undesirable_weight {weights[1]:g}"
+    lines.append(
+        f"weights:   λ_D·n_D / (λ_U·n_U) = {advice['ratio']:.3g} with {shown}; the KTO paper "
+        "(§4.2) keeps it in [1, 4/3]"
+    )
+    if advice["ok"]:
+        lines.append("           within the range: no change needed")
+    else:
+        other = "undesirable_weight" if advice["key"] == "desirable_weight" else "desirable_weight"
+        lines.append(
+            f"           with {ratio} data set loss.params.{advice['key']}≈"
+            f"{_num(advice['low'])}–{_num(advice['high'])} (and {other} 1)"
+        )
+    return lines
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def _token_lengths(dataset: Any) -> dict[str, np.ndarray]:
@@ -115,6 +186,7 @@ def _render(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     return {
         "index": int(example.get("index", -1)),
         "weight": float(example.get("weight", 1.0)),
+        "label": example.get("label"),
         **{f"{f}_tokens": len(example[f"{f}_ids"]) for f in _FIELDS},
         **{f: decode(example[f"{f}_ids"]) for f in _FIELDS},
     }
@@ -142,26 +214,31 @@ def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
     out.append(
         f"limits:    max_length {d['max_length']}, max_prompt_length {d['max_prompt_length']}"
     )
+    kind = " unpaired rows" if d.get("unpaired") else ""
     out.append(
-        f"rows:      {d['rows_read']} read -> {d['rows_kept']} kept "
+        f"rows:      {d['rows_read']} read -> {d['rows_kept']} kept{kind} "
         f"({d['train_pairs']} train, {d['eval_pairs']} eval)"
     )
     dropped = sum(d["drops"].values())
-    out.append(f"dropped:   {dropped}" + (" pairs, by reason:" if dropped else ""))
+    unit = "rows" if d.get("unpaired") else "pairs"
+    out.append(f"dropped:   {dropped}" + (f" {unit}, by reason:" if dropped else ""))
     for reason, count in d["drops"].items():
         if dropped:
             out.append(f"  {reason:<34} {count:>8}")
+    unit = "rows" if d.get("unpaired") else "pairs"
     cut = {k: v for k, v in d["truncations"].items() if v}
     out.append(
-        "truncated: " + (", ".join(f"{k} in {v} pairs" for k, v in cut.items()) if cut else "none")
+        "truncated: " + (", ".join(f"{k} in {v} {unit}" for k, v in cut.items()) if cut else "none")
     )
+    if d.get("labels") is not None:
+        out.extend(label_lines(d["labels"], d.get("label_weights") or (1.0, 1.0)))
     sources = d.get("sources", [])
     if len(sources) > 1 or any(x["selected"] != x["records"] for x in sources):
         out.append("")
         out.extend(_source_rows(sources, pairs=True))
 
     out.append("")
-    out.append(f"tokens per pair (train, n={d['train_pairs']})")
+    out.append(f"tokens per {unit[:-1]} (train, n={d['train_pairs']})")
     out.extend(_length_rows(d["lengths"]))
 
     pad = d["padding"]
@@ -182,17 +259,25 @@ def format_description(d: dict[str, Any], *, max_chars: int = 400) -> str:
         out.append("")
         out.append(f"examples (response tokens in {_OPEN}{_CLOSE}; prompt shown once):")
     for i, ex in enumerate(d["examples"], 1):
-        out.append(
-            f"--- example {i}: pair {ex['index']}, prompt {ex['prompt_tokens']} tokens, "
-            f"chosen {ex['chosen_tokens']}, rejected {ex['rejected_tokens']}"
-            + (f", weight {ex['weight']:g}" if ex["weight"] != 1.0 else "")
-        )
+        weight = f", weight {ex['weight']:g}" if ex["weight"] != 1.0 else ""
+        if ex.get("label") is not None:
+            out.append(
+                f"--- example {i}: row {ex['index']}, "
+                f"{'desirable' if ex['label'] else 'undesirable'}, prompt {ex['prompt_tokens']} "
+                f"tokens, completion {ex['chosen_tokens']}, KL row {ex['rejected_tokens']}{weight}"
+            )
+        else:
+            out.append(
+                f"--- example {i}: pair {ex['index']}, prompt {ex['prompt_tokens']} tokens, "
+                f"chosen {ex['chosen_tokens']}, rejected {ex['rejected_tokens']}{weight}"
+            )
         prompt = _clip(ex["prompt"], max_chars, keep_end=True)
         out.append(f"{prompt}{_OPEN}{_clip(ex['chosen'], max_chars)}{_CLOSE}")
-        out.append(f"rejected: {_OPEN}{_clip(ex['rejected'], max_chars)}{_CLOSE}")
+        second = "KL row:" if ex.get("label") is not None else "rejected:"
+        out.append(f"{second} {_OPEN}{_clip(ex['rejected'], max_chars)}{_CLOSE}")
     if d["train_pairs"] == 0:
         out.append("")
-        out.append("no training pairs kept: check the drops above and data.max_length")
+        out.append(f"no training {unit} kept: check the drops above and data.max_length")
     if d.get("cache_path"):
         out.append("")
         out.append(f"tokenized cache: {d['cache_path']}")
@@ -246,9 +331,13 @@ def format_check(d: dict[str, Any]) -> str:
             f"bad rows ({d['bad']}" + (f", first {shown} shown" if shown < d["bad"] else "") + "):"
         )
         out.extend(f"  {line}" for line in d["bad_rows"])
+    if d.get("labels") is not None:
+        out.append("")
+        out.extend(label_lines(d["labels"], d.get("label_weights") or (1.0, 1.0)))
     if d["valid"]:
         out.append("")
-        out.append(f"characters per pair (valid records, n={d['valid']})")
+        unit = "row" if d.get("unpaired") else "pair"
+        out.append(f"characters per {unit} (valid records, n={d['valid']})")
         out.extend(_length_rows(d["lengths"]))
     out.append("")
     out.append(

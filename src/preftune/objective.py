@@ -121,6 +121,8 @@ class Objective:
         window: object = None,
     ) -> tuple[Tensor, LossOutput]:
         """``(loss, out)``: this micro-batch's share of the window loss, and the loss's per-pair output."""
+        if batch.labels is not None:
+            raise ValueError("a pair loss got unpaired rows (labels): use loss.name=kto")
         pc, pr = self._ld(
             pol.chosen_logps,
             pol.rejected_logps,

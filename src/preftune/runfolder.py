@@ -85,6 +85,7 @@ RUN_ENTRIES = frozenset(
         "metrics.jsonl",
         "report.json",
         "tensorboard",
+        "wandb",
         "checkpoints",
         "final",
         "final-merged",

@@ -29,6 +29,7 @@ from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed
 from preftune.evaluation import StepMetrics, evaluate
 from preftune.lifecycle import TrainingError, TrainingInterrupted
+from preftune.losses import UNPAIRED_LOSSES
 from preftune.model import Layout, PairBatch, prepare_tokenizer, resolve_device
 from preftune.runfolder import RunFolder, check_resume, run_fingerprint, write_fingerprint
 from preftune.tracking import MetricsLogger, ProgressBar, read_metrics, write_json
@@ -74,7 +75,10 @@ def _train(
     # Data: tokenized once (cached; rank 0 first, the others read its cache), drops written to the run folder.
     tokenizer = build.build_tokenizer(cfg) if tokenizer is None else prepare_tokenizer(tokenizer)
     with dist.main_first():
-        data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        # Unpaired rows (KTO) only for an unpaired loss, pairs only for a pair loss: never DPO on a
+        # completion against its KL row.
+        unpaired = cfg.loss.name[0] in UNPAIRED_LOSSES
+        data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed, unpaired=unpaired)
     if len(data.train) == 0:
         raise TrainingError(f"no training pairs left after filtering (drops: {data.drops})")
 
@@ -143,8 +147,9 @@ def _train(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         write_json(run_dir / "data_drops.json", {"rows_read": data.rows_read, "drops": data.drops})
 
-    metrics_log = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, is_main=dist.is_main)
+    metrics_log = MetricsLogger.from_config(cfg, is_main=dist.is_main)
     metrics_log.truncate_after(state.step)
+    metrics_log.start()  # a tracker that cannot start fails here, in one line, before step 1
     if changes:  # every difference from the run's start is on record, safe or forced
         metrics_log.log(state.step, {"changes": [c.to_dict() for c in changes]}, split="resume")
     diagnostics = None
@@ -311,6 +316,7 @@ def _train(
                 "resume_changes": read_metrics(run_dir, split="resume"),
             }
             write_json(run_dir / "report.json", report)
+            metrics_log.summary(report)
     except Exception as e:
         # Disk full anywhere (a checkpoint, the final model, the metrics): the message names where, and
         # the last complete checkpoint is intact (a save writes a temporary folder first).

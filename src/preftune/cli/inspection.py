@@ -32,6 +32,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         cfg = Config()
         cfg.data.train_files = [args.target]
         cfg = apply_overrides(cfg, args.overrides)
+        if not any(o.strip().startswith("loss.name") for o in args.overrides) and (
+            cfg.data.unpair or cfg.data.shape == "unpaired"
+        ):
+            cfg.loss.name = ["kto"]  # a data file read as unpaired rows: described for KTO
         validate(cfg)
     if args.tokenizer:
         cfg.model.tokenizer_path = args.tokenizer

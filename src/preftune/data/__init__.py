@@ -4,8 +4,9 @@ Modules: ``spec`` (the ``data`` config section: DataConfig, SourceConfig and the
 formats and the records they hold; text formats in ``textfiles``, Hub datasets in ``hub``), ``mix`` (sources
 with their own columns and shape, sampled by fraction / max_rows), ``shapes`` and ``chat`` (standard /
 conversational / implicit records, system and tools, rendering), ``tokenize`` (exact boundary, truncation,
-drops), ``cache`` (on-disk tokenized splits), ``load`` (the pipeline), ``check`` (validation without a
-tokenizer), ``sampling`` (batch order, length grouping, ranks).
+drops), ``cache`` (on-disk tokenized splits), ``load`` (the pipeline; ``entry``: what its builds share),
+``unpaired`` / ``unpaired_load`` (KTO's rows of prompt, completion and label, pairs unpaired, KL partners),
+``check`` (validation without a tokenizer), ``sampling`` (batch order, length grouping, ranks).
 
 Names are imported on first use, so that ``preftune.config`` can import ``preftune.data.spec`` without
 numpy or pyarrow (``preftune --help`` answers at once).

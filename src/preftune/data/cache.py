@@ -17,7 +17,8 @@ The key is the SHA-256 of (canonical JSON):
 - the tokenizer fingerprint: its full ``tokenizer.json`` (``backend_tokenizer.to_str()``: vocab, merges,
   normalizer, pre-tokenizer, post-processor, added tokens), chat template, special tokens and their ids, class;
 - every tokenization setting (shape, columns, max_length, max_prompt_length, prompt_truncation, add_eos) and the
-  eval split (fraction and seed, or eval files). ``on_drop`` is not in the key: a hit re-checks the stored drop
+  eval split (fraction and seed, or eval files); for unpaired rows also ``data.unpair`` and the seed of the
+  KL partners (`preftune.data.unpaired`), so that a change of either recomputes the entry. ``on_drop`` is not in the key: a hit re-checks the stored drop
   counts and raises when ``on_drop="error"``.
 
 Verified before use: ``meta.json`` records, for each ``.arrow`` file, its size in bytes, its BLAKE2b checksum
@@ -50,6 +51,7 @@ from .sources import SourceFile
 
 __all__ = [
     "CODE_VERSION",
+    "UNPAIRED_SCHEMA",
     "PairWriter",
     "cache_key",
     "cache_root",
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 # 2: special_token_in_content drops, bounded records, checksums; 3: system / tools columns, string prompts
-# and whole conversations in the conversational shape, mixtures
+# and whole conversations in the conversational shape, mixtures (unpaired rows: their own key parts)
 CODE_VERSION = "preftune.data/3"
 _CHUNK = 1 << 20
 _FLUSH_ROWS = 1024
@@ -80,6 +82,8 @@ SCHEMA = pa.schema(
         ("index", pa.int64()),
     ]
 )
+#: Unpaired rows (preftune.data.unpaired): chosen_ids = the completion, rejected_ids = the KL row's.
+UNPAIRED_SCHEMA = SCHEMA.insert(3, pa.field("label", pa.bool_()))
 
 
 def cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -173,8 +177,9 @@ def cache_key(parts: dict) -> str:
 class PairWriter:
     """Appends tokenized pairs to an Arrow IPC stream; ``index`` counts 0.. in write order."""
 
-    def __init__(self, path: Path, *, with_row: bool = False):
-        self.schema = SCHEMA.append(pa.field("_row", pa.int64())) if with_row else SCHEMA
+    def __init__(self, path: Path, *, with_row: bool = False, labels: bool = False):
+        schema = UNPAIRED_SCHEMA if labels else SCHEMA
+        self.schema = schema.append(pa.field("_row", pa.int64())) if with_row else schema
         self._writer = pa.ipc.new_stream(str(path), self.schema)
         self._cols: dict[str, list] = {name: [] for name in self.schema.names}
         self.count = 0
@@ -186,8 +191,11 @@ class PairWriter:
         rejected: list[int],
         weight: float,
         row: int = -1,
+        label: bool | None = None,
     ):
         cols = self._cols
+        if "label" in cols:
+            cols["label"].append(bool(label))
         cols["prompt_ids"].append(prompt)
         cols["chosen_ids"].append(chosen)
         cols["rejected_ids"].append(rejected)

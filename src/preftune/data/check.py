@@ -6,7 +6,8 @@ line or row, field, what was expected): malformed JSON lines, CSV records with t
 and each record that the shape's validation refuses (the same checks training runs, `shapes.parse_pair`).
 A file that cannot be read at all (missing, not the format, a missing column, empty) is reported as that
 file's error. Character-length percentiles of prompt, chosen and rejected over the valid records (messages:
-their content, summed) stand in for token lengths.
+their content, summed) stand in for token lengths. Unpaired rows (`preftune.data.unpaired`, ``data.unpair``
+included): prompt and completion lengths, bad labels as bad rows, and the training rows per label.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from .errors import DataError, Location
 from .mix import Picker, Source, plan_sources
 from .shapes import Columns, Parsed, detect_shape, parse_pair, parse_weight
 from .sources import SourceFile, read_records, source_columns
+from .unpaired import file_kind, parse_rows, unpaired_shape
+from .unpaired_load import data_kind
 
 __all__ = ["PERCENTILES", "check_records", "percentiles"]
 
 PERCENTILES = (50, 90, 99)
 _FIELDS = ("prompt", "chosen", "rejected")
+_ROW_FIELDS = ("prompt", "completion")
 
 
 def percentiles(values: Iterable[int]) -> dict[str, int | None]:
@@ -42,20 +46,31 @@ def check_records(cfg: Any, *, seed: int = 0, max_bad: int = 20) -> dict[str, An
     """Check the records of a DataConfig-like ``cfg`` (all its train and eval sources).
 
     Returns ``{"files": [...], "sources": [...], "lengths": {field: percentiles}, "valid", "bad", "errors",
-    "bad_rows": [first max_bad "location: message" lines]}``. Raises `DataError` only for a configuration
-    that names nothing to read (no train files).
+    "bad_rows": [first max_bad "location: message" lines], "unpaired", "labels"}``; for unpaired rows
+    (`preftune.data.unpaired`) the fields are prompt and completion, and ``labels`` counts the valid
+    training rows per label. Raises `DataError` only for a configuration that names nothing to read (no
+    train files).
     """
     files: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
-    lengths: dict[str, list[int]] = {f: [] for f in _FIELDS}
     bad_rows: list[str] = []
+    unpair = bool(getattr(cfg, "unpair", False))
+    plans = {role: plan_sources(cfg, role) for role in ("train", "eval")}
+    try:
+        rows = data_kind(plans["train"] + plans["eval"], unpair, None)
+    except DataError:
+        rows = unpair or getattr(cfg, "shape", "auto") == "unpaired"  # reported per file below
+    fields = _ROW_FIELDS if rows else _FIELDS
+    lengths: dict[str, list[int]] = {f: [] for f in (*_FIELDS, *_ROW_FIELDS)}
+    labels = {"desirable": 0, "undesirable": 0}
     for role in ("train", "eval"):
-        for source in plan_sources(cfg, role):
+        for source in plans[role]:
             available, positions = source.positions(seed, bad=[])
             pick = Picker(positions)
             selected = records = 0
             for src in source.files:
-                report = _check_file(src, source, role, pick, lengths)
+                mode = (rows, unpair, labels if role == "train" else None)
+                report = _check_file(src, source, role, pick, lengths, mode)
                 selected, records = selected + report["selected"], records + report["records"]
                 files.append(report)
                 bad_rows.extend(report.pop("bad_lines"))
@@ -70,17 +85,26 @@ def check_records(cfg: Any, *, seed: int = 0, max_bad: int = 20) -> dict[str, An
     return {
         "files": files,
         "sources": sources,
-        "lengths": {f: percentiles(v) for f, v in lengths.items()},
+        "lengths": {f: percentiles(lengths[f]) for f in fields},
         "valid": sum(f["valid"] for f in files),
         "bad": sum(f["bad"] for f in files),
         "errors": sum(1 for f in files if f["error"]),
         "bad_rows": bad_rows[:max_bad],
+        "unpaired": rows,
+        "labels": labels if rows else None,
     }
 
 
 def _check_file(
-    src: SourceFile, source: Source, role: str, pick: Picker, lengths: dict[str, list[int]]
+    src: SourceFile,
+    source: Source,
+    role: str,
+    pick: Picker,
+    lengths: dict[str, list[int]],
+    mode: tuple[bool, bool, dict[str, int] | None] = (False, False, None),
 ) -> dict[str, Any]:
+    """One file's report; ``mode``: (the data is unpaired rows, data.unpair, label counts to add to)."""
+    rows, unpair, labels = mode
     cols = source.cols
     report: dict[str, Any] = {
         "name": src.name,
@@ -109,8 +133,23 @@ def _check_file(
         if first is None:
             _empty(src, bad)
         report["columns"] = list(columns) if columns is not None else list(first[0])  # type: ignore[index]
-        shape = detect_shape(source.shape, cols, first[0], columns, src.name)  # type: ignore[index]
-        report["shape"] = shape
+        kind = file_kind(source.shape, cols, first[0], columns, unpair)  # type: ignore[index]
+        if rows and kind == "pairs":
+            raise DataError(
+                f"{src.name}: holds pairs ({cols.chosen!r} / {cols.rejected!r}) among unpaired rows; "
+                "set data.unpair=true to split each pair into a desirable and an undesirable row"
+            )
+        if kind == "unpaired":
+            shape = unpaired_shape(cols, first[0], columns, src.name)  # type: ignore[index]
+        else:
+            forced = "auto" if source.shape == "unpaired" else source.shape
+            shape = detect_shape(forced, cols, first[0], columns, src.name)  # type: ignore[index]
+        names = {
+            "pairs": shape,
+            "unpaired": f"unpaired {shape}",
+            "unpair": f"{shape} pairs, unpaired",
+        }
+        report["shape"] = names[kind]
         for record, loc in itertools.chain([first], records):  # type: ignore[list-item]
             report["records"] += 1
             _note_types(report["types"], record)
@@ -118,7 +157,10 @@ def _check_file(
                 continue
             report["selected"] += 1
             try:
-                parsed = parse_pair(record, shape, cols, loc)
+                if kind == "pairs":
+                    parsed: Any = parse_pair(record, shape, cols, loc)
+                else:
+                    parsed = parse_rows(record, kind, shape, cols, loc)
                 if cols.weight:
                     parse_weight(record.get(cols.weight), loc, cols.weight)
             except DataError as e:
@@ -126,8 +168,15 @@ def _check_file(
                 refused += 1
                 continue
             report["valid"] += 1
-            for name, value in zip(_FIELDS, _texts(parsed)):
-                lengths[name].append(value)
+            if kind == "pairs":
+                for name, value in zip(_FIELDS, _texts(parsed)):
+                    lengths[name].append(value)
+                continue
+            for row in parsed:
+                lengths["prompt"].append(_size(row.prompt))
+                lengths["completion"].append(_size(row.completion))
+                if labels is not None:
+                    labels["desirable" if row.label else "undesirable"] += 1
     except DataError as e:
         report["error"] = str(e)
     skipped = len(bad) - refused  # malformed rows the readers skipped: read, and in the data
@@ -140,7 +189,8 @@ def _check_file(
 
 
 def _wanted(cols: Columns, columns: list[str]) -> list[str]:
-    return [c for c in (*cols.needed(), *cols.optional()) if c in columns] or list(columns)
+    names = (*cols.needed(), cols.completion, cols.label, *cols.optional())
+    return [c for c in names if c in columns] or list(columns)
 
 
 def _empty(src: SourceFile, bad: list) -> None:
@@ -167,12 +217,13 @@ def _note_types(types: dict[str, set[str]], record: dict) -> None:
         types.setdefault(key, set()).add(kind)
 
 
+def _size(value: Any) -> int:
+    """Characters of a text, or of the messages' content, summed."""
+    if isinstance(value, str):
+        return len(value)
+    return sum(len(m.get("content") or "") for m in value)
+
+
 def _texts(parsed: Parsed) -> tuple[int, int, int]:
-    """Characters of prompt, chosen and rejected (messages: their content, summed)."""
-
-    def size(value: Any) -> int:
-        if isinstance(value, str):
-            return len(value)
-        return sum(len(m.get("content") or "") for m in value)
-
-    return size(parsed.prompt), size(parsed.chosen), size(parsed.rejected)
+    """Characters of prompt, chosen and rejected."""
+    return _size(parsed.prompt), _size(parsed.chosen), _size(parsed.rejected)

@@ -15,6 +15,10 @@ a permutation seeded with ``seed``, go to eval. The split is made on the records
 which pair lands in eval depends only on the files and the seed, not on tokenization settings; drops are then
 counted per split. Both splits keep file order (shuffling is `batch_indices`' job). ``eval_files`` /
 ``eval_sources`` and ``eval_fraction > 0`` are exclusive.
+
+Unpaired rows (KTO: ``data.shape: unpaired``, detected, or ``data.unpair``) are built by
+`preftune.data.unpaired_load` in the same entry format (a ``label`` column more; the KL row as the rejected
+response); their key also holds ``data.unpair`` and the KL partners' seed.
 """
 
 from __future__ import annotations
@@ -28,20 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .cache import (
     PairWriter,
     cache_key,
     cache_root,
     committed_entry,
-    max_weight,
     read_entry,
     split_rows,
     tokenizer_fingerprint,
 )
+from .entry import Notes, Pass, eval_records, finish
 from .errors import DataError, Drop, Location, missing_column_error
-from .mix import Picker, Source, plan_sources, source_table
+from .mix import Picker, Source, plan_sources
 from .shapes import (
     Rendered,
     detect_shape,
@@ -51,14 +53,13 @@ from .shapes import (
 )
 from .sources import SourceFile, read_records, source_columns
 from .tokenize import (
-    DROP_REASONS,
     Settings,
-    Tally,
     bound_pair,
     check_tokenizer,
     encode_pairs,
     truncate_pair,
 )
+from .unpaired_load import build_unpaired, data_kind
 
 __all__ = ["PreferenceData", "load_preference_data"]
 
@@ -68,7 +69,8 @@ _CHUNK_PAIRS = 512  # pairs per batched tokenizer call
 
 @dataclass
 class PreferenceData:
-    """Tokenized splits. Rows: prompt_ids, chosen_ids, rejected_ids (list[int]), weight (float32), index (int64)."""
+    """Tokenized splits. Rows: prompt_ids, chosen_ids, rejected_ids (list[int]), weight (float32), index (int64);
+    unpaired rows (``unpaired``) also a ``label`` (bool), chosen = the completion, rejected = the KL row's."""
 
     train: Any  # datasets.Dataset
     eval: Any | None  # datasets.Dataset | None
@@ -84,6 +86,9 @@ class PreferenceData:
     # per source: name, role, records (None: not counted, all kept), selected, train, eval, dropped
     sources: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unpaired: bool = False  # rows of (prompt, completion, label) with KL rows, for KTO
+    # unpaired rows: split -> {"desirable": n, "undesirable": n}
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         dropped = {k: v for k, v in self.drops.items() if v}
@@ -93,8 +98,15 @@ class PreferenceData:
         per_source = "; sources " + ", ".join(
             f"{x['name']} {x['selected']}/{x['records']}" for x in self.sources
         )
+        what = "pairs"
+        if self.unpaired:
+            counts = self.labels.get("train", {})
+            what = (
+                f"unpaired rows ({counts.get('desirable', 0)} desirable, "
+                f"{counts.get('undesirable', 0)} undesirable in train)"
+            )
         return (
-            f"{self.rows_read} records read -> {len(self.train)} train / {n_eval} eval pairs; "
+            f"{self.rows_read} records read -> {len(self.train)} train / {n_eval} eval {what}; "
             f"dropped {sum(dropped.values())} {dropped or ''}; truncated {cut or 'none'}"
             f"{per_source if mixed else ''}; "
             f"cache {'hit' if self.cache_hit else 'written'}: {self.cache_path}"
@@ -102,12 +114,20 @@ class PreferenceData:
 
 
 def load_preference_data(
-    cfg: Any, tokenizer: Any, *, seed: int = 0, warn: bool = True
+    cfg: Any,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    warn: bool = True,
+    unpaired: bool | None = None,
 ) -> PreferenceData:
     """Load, validate, tokenize and cache preference data described by a DataConfig-like ``cfg``.
 
-    ``seed`` draws the mixture's samples and the ``eval_fraction`` split; ``warn=False`` leaves the
-    warnings in ``PreferenceData.warnings`` unlogged (for a caller that reports them itself)."""
+    ``seed`` draws the mixture's samples, the ``eval_fraction`` split and unpaired rows' KL partners;
+    ``warn=False`` leaves the warnings in ``PreferenceData.warnings`` unlogged (for a caller that reports
+    them itself). ``unpaired``: what the loss trains on, unpaired rows (True: KTO) or pairs (False); a
+    `DataError` when the data is the other kind. None: whatever the data is (``data.shape: unpaired``,
+    ``data.unpair``, or detected: see `preftune.data.unpaired`)."""
     settings = Settings.from_config(cfg)
     check_tokenizer(tokenizer, settings)
     fraction = float(getattr(cfg, "eval_fraction", 0.0) or 0.0)
@@ -118,22 +138,39 @@ def load_preference_data(
     if fraction > 0 and eval_srcs:
         raise DataError("set data.eval_files / data.eval_sources or data.eval_fraction, not both")
 
+    unpair = bool(getattr(cfg, "unpair", False))
+    rows = data_kind(train_srcs + eval_srcs, unpair, unpaired)
     root = cache_root(getattr(cfg, "cache_dir", None))
-    key = cache_key(
-        {
-            "train": [s.key(root, seed) for s in train_srcs],
-            "eval": [s.key(root, seed) for s in eval_srcs],
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "settings": {k: v for k, v in settings.__dict__.items() if k != "on_drop"},
-            "eval_fraction": fraction,
-            "seed": seed if fraction > 0 else None,
-        }
-    )
+    parts = {
+        "train": [s.key(root, seed) for s in train_srcs],
+        "eval": [s.key(root, seed) for s in eval_srcs],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": {k: v for k, v in settings.__dict__.items() if k != "on_drop"},
+        "eval_fraction": fraction,
+        "seed": seed if fraction > 0 else None,
+    }
+    if rows:  # how pairs become rows, and the KL partners' seed, decide the content too
+        parts["unpaired"] = {"unpair": unpair, "partner_seed": seed}
+    key = cache_key(parts)
     meta = read_entry(root, key)
     hit = meta is not None
     if meta is None:
         with committed_entry(root, key) as (tmp, meta):
-            _build(tmp, meta, train_srcs, eval_srcs, fraction, seed, settings, tokenizer)
+            if rows:
+                build_unpaired(
+                    tmp,
+                    meta,
+                    train_srcs,
+                    eval_srcs,
+                    fraction,
+                    seed,
+                    settings,
+                    tokenizer,
+                    Notes(),
+                    unpair,
+                )
+            else:
+                _build(tmp, meta, train_srcs, eval_srcs, fraction, seed, settings, tokenizer)
         meta = read_entry(root, key)
         if meta is None:  # pragma: no cover - the commit above guarantees an entry
             raise DataError(f"could not write the data cache under {root}")
@@ -169,6 +206,8 @@ def _open(meta: dict, key: str, hit: bool) -> PreferenceData:
         cache_hit=hit,
         sources=[dict(x) for x in meta.get("sources", [])],
         warnings=list(meta.get("warnings", [])),
+        unpaired="unpaired" in meta,
+        labels={k: dict(v) for k, v in meta.get("unpaired", {}).get("labels", {}).items()},
     )
 
 
@@ -182,107 +221,29 @@ def _build(
     settings: Settings,
     tokenizer: Any,
 ) -> None:
-    notes = _Notes()
+    notes = Notes()
     writer = PairWriter(
         tmp / ("all.arrow" if fraction > 0 else "train.arrow"), with_row=fraction > 0
     )
     train = _tokenize_sources(train_srcs, writer, settings, tokenizer, seed, notes)
     writer.close()
-    rows_read, n_train, n_eval = train.rows, writer.count, 0
-    total = Tally()
-    total.add(train.tally)
-    by_split = {"train": train.tally.drops}
+    n_train, n_eval = writer.count, 0
     eval_set: set[int] = set()
-    evaluated = None
+    evaluated = Pass()
     if fraction > 0:
-        if rows_read < 2:
-            raise DataError(f"data.eval_fraction needs at least 2 records, read {rows_read}")
-        n_eval_rows = min(max(1, round(fraction * rows_read)), rows_read - 1)
-        eval_rows = np.sort(np.random.default_rng(seed).permutation(rows_read)[:n_eval_rows])
+        eval_rows = eval_records(train.rows, fraction, seed)
         n_train, n_eval = split_rows(
             tmp / "all.arrow", tmp / "train.arrow", tmp / "eval.arrow", eval_rows
         )
         os.remove(tmp / "all.arrow")
         eval_set = set(eval_rows.tolist())
-        by_split = {"train": dict.fromkeys(DROP_REASONS, 0), "eval": dict.fromkeys(DROP_REASONS, 0)}
-        for row, reason in train.dropped:
-            by_split["eval" if row in eval_set else "train"][reason] += 1
     elif eval_srcs:
         eval_writer = PairWriter(tmp / "eval.arrow")
         evaluated = _tokenize_sources(eval_srcs, eval_writer, settings, tokenizer, seed, notes)
         eval_writer.close()
-        rows_read, n_eval = rows_read + evaluated.rows, eval_writer.count
-        total.add(evaluated.tally)
-        by_split["eval"] = evaluated.tally.drops
-    if n_train == 0:
-        raise DataError(
-            f"no training pairs left: {rows_read} records read, drops {_nonzero(total)}"
-        )
-    weighted = [s for s in train_srcs if s.cols.weight]
-    if weighted and max_weight(tmp / "train.arrow") <= 0:
-        files = ", ".join(f.name for s in train_srcs for f in s.files)
-        names = ", ".join(sorted({repr(s.cols.weight) for s in weighted}))
-        raise DataError(
-            f"{files}: every training pair has weight 0 (field {names}): nothing to learn; "
-            "expected at least one weight > 0"
-        )
-    if (fraction > 0 or eval_srcs) and n_eval == 0:
-        raise DataError(f"no eval pairs left: {rows_read} records read, drops {_nonzero(total)}")
-    table = source_table(train.spans, train.written, train.dropped, "train", eval_set)
-    if evaluated is not None:
-        table += source_table(evaluated.spans, evaluated.written, evaluated.dropped, "eval", set())
-    meta.update(
-        has_eval=n_eval > 0,
-        n_train=n_train,
-        n_eval=n_eval,
-        rows_read=rows_read,
-        drops=total.drops,
-        drops_by_split=by_split,
-        truncations=total.truncations,
-        first_drop=total.first_drop,
-        shapes=notes.shapes,
-        files={
-            "train": [f.name for s in train_srcs for f in s.files],
-            "eval": [f.name for s in eval_srcs for f in s.files],
-        },
-        sources=table,
-        warnings=notes.warnings(tokenizer),
-    )
-
-
-def _nonzero(tally: Tally) -> dict[str, int]:
-    return {k: v for k, v in tally.drops.items() if v}
-
-
-@dataclass
-class _Pass:
-    rows: int = 0
-    tally: Tally = field(default_factory=Tally)
-    dropped: list[tuple[int, str]] = field(default_factory=list)  # (record position, reason)
-    written: list[int] = field(default_factory=list)  # record position of each pair written
-    spans: list[tuple[str, int, int, int | None]] = field(
-        default_factory=list
-    )  # name, rows, available
-
-
-@dataclass
-class _Notes:
-    """What the passes learn besides pairs: each file's shape, and plain-text prompts per source."""
-
-    shapes: dict[str, str] = field(default_factory=dict)
-    plain: dict[str, list[int]] = field(
-        default_factory=dict
-    )  # source -> [plain-text prompts, prompts]
-
-    def warnings(self, tokenizer: Any) -> list[str]:
-        if not getattr(tokenizer, "chat_template", None):
-            return []
-        return [
-            f"{name}: {raw} of {n} prompts are plain text: the tokenizer's chat template was not applied "
-            "(set data.shape=conversational to apply it; a string prompt becomes one user message)"
-            for name, (raw, n) in self.plain.items()
-            if raw
-        ]
+        n_eval = eval_writer.count
+    srcs, counts = (train_srcs, eval_srcs), (n_train, n_eval)
+    finish(tmp, meta, (train, evaluated), srcs, eval_set, fraction, counts, notes, tokenizer)
 
 
 def _tokenize_sources(
@@ -291,9 +252,9 @@ def _tokenize_sources(
     settings: Settings,
     tokenizer: Any,
     seed: int,
-    notes: _Notes,
-) -> _Pass:
-    state = _Pass()
+    notes: Notes,
+) -> Pass:
+    state = Pass()
     pending: list[tuple[Rendered, float, Location, int]] = []
     for source in srcs:
         available, positions = source.positions(seed)
@@ -317,14 +278,14 @@ def _tokenize_sources(
 
 
 def _drop(
-    state: _Pass, row: int, reason: str, loc: Location, settings: Settings, detail: str = ""
+    state: Pass, row: int, reason: str, loc: Location, settings: Settings, detail: str = ""
 ) -> None:
     state.tally.drop(reason, loc, settings.on_drop, detail)
     state.dropped.append((row, reason))
 
 
 def _flush(
-    pending: list, writer: PairWriter, state: _Pass, settings: Settings, tokenizer: Any
+    pending: list, writer: PairWriter, state: Pass, settings: Settings, tokenizer: Any
 ) -> None:
     if not pending:
         return
@@ -343,7 +304,7 @@ def _flush(
 
 
 def _rendered_records(
-    src: SourceFile, source: Source, tokenizer: Any, notes: _Notes, pick: Picker
+    src: SourceFile, source: Source, tokenizer: Any, notes: Notes, pick: Picker
 ) -> Iterator[tuple[Rendered | Drop, float, Location]]:
     """The kept records of one file, rendered (``pick`` says which; shape detected from its first)."""
     cols = source.cols

@@ -92,6 +92,8 @@ class Columns:
     weight: str | None = None
     system: str | None = None
     tools: str | None = None
+    completion: str = "completion"  # unpaired rows (preftune.data.unpaired)
+    label: str = "label"
 
     @classmethod
     def from_config(cls, cfg: Any, base: Columns | None = None) -> Columns:
@@ -105,9 +107,20 @@ class Columns:
                 getattr(cfg, "weight_column", None),
                 getattr(cfg, "system_column", "system"),
                 getattr(cfg, "tools_column", "tools"),
+                getattr(cfg, "completion_column", "completion"),
+                getattr(cfg, "label_column", "label"),
             )
         values = {}
-        for name in ("prompt", "chosen", "rejected", "weight", "system", "tools"):
+        for name in (
+            "prompt",
+            "chosen",
+            "rejected",
+            "weight",
+            "system",
+            "tools",
+            "completion",
+            "label",
+        ):
             value = getattr(cfg, f"{name}_column", None)
             values[name] = getattr(base, name) if value is None else (value or None)
         return cls(**values)

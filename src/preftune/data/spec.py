@@ -28,10 +28,12 @@ __all__ = [
     "DataConfig",
     "SourceConfig",
     "check_data",
+    "check_examples",
 ]
 
 FORMAT_CHOICES = ("auto", "jsonl", "json", "csv", "parquet", "arrow")
-SHAPE_CHOICES = ("auto", "standard", "conversational", "implicit")
+SHAPE_CHOICES = ("auto", "standard", "conversational", "implicit", "unpaired")
+PAIR_SHAPES = ("standard", "conversational", "implicit")
 #: Pairs of keys that cannot both be set: an override of one clears the other (the later setting wins).
 EXCLUSIVE = (("data.eval_files", "data.eval_fraction"), ("data.eval_sources", "data.eval_fraction"))
 
@@ -60,6 +62,8 @@ class SourceConfig:
     prompt_column: str | None = setting(None, "null: data.prompt_column")
     chosen_column: str | None = setting(None, "null: data.chosen_column")
     rejected_column: str | None = setting(None, "null: data.rejected_column")
+    completion_column: str | None = setting(None, "null: data.completion_column")
+    label_column: str | None = setting(None, "null: data.label_column")
     weight_column: str | None = setting(None, "null: data.weight_column; '' for none")
     system_column: str | None = setting(None, "null: data.system_column; '' for none")
     tools_column: str | None = setting(None, "null: data.tools_column; '' for none")
@@ -85,10 +89,25 @@ class DataConfig:
         0.0, "share of train records held out for evaluation when no eval_files / eval_sources"
     )
     format: str = setting("auto", "auto | jsonl | json | csv | parquet | arrow")
-    shape: str = setting("auto", "auto | standard | conversational | implicit")
+    shape: str = setting(
+        "auto",
+        "auto | standard | conversational | implicit (pairs) | unpaired (rows of prompt, completion, "
+        "label; auto detects them: completion and label columns, no chosen / rejected)",
+    )
     prompt_column: str = setting("prompt", "column holding the prompt")
     chosen_column: str = setting("chosen", "column holding the preferred response")
     rejected_column: str = setting("rejected", "column holding the dispreferred response")
+    completion_column: str = setting("completion", "unpaired rows: column holding the completion")
+    label_column: str = setting(
+        "label",
+        "unpaired rows: column saying whether the completion is desirable (true/false, 1/0, "
+        "desirable/undesirable, good/bad, thumbs_up/thumbs_down)",
+    )
+    unpair: bool = setting(
+        False,
+        "turn each pair into two unpaired rows, (prompt, chosen) desirable and (prompt, rejected) "
+        "undesirable, for loss.name=kto",
+    )
     weight_column: str | None = setting(None, "optional per-pair weight column")
     system_column: str | None = setting(
         "system", "optional column with a system message for message prompts (used where present)"
@@ -126,6 +145,39 @@ def check_data(data: DataConfig) -> None:
             _check_source(src, f"data.{name}[{i}]")
 
 
+def check_examples(data: DataConfig, unpaired_loss: bool, loss: str) -> None:
+    """The loss/data cross-check: an unpaired loss (kto) reads unpaired rows, a pair loss reads pairs.
+
+    Only what the config says is checked here (``data.shape`` auto is decided per file when loading)."""
+    shapes = [("data.shape", data.shape)] + [
+        (f"data.{name}[{i}].shape", src.shape)
+        for name in ("sources", "eval_sources")
+        for i, src in enumerate(getattr(data, name))
+    ]
+    if unpaired_loss:
+        if data.unpair:
+            return
+        for key, shape in shapes:
+            if shape in PAIR_SHAPES:
+                raise ConfigError(
+                    f"{key}: {shape!r} reads pairs, but loss.name={loss} trains on unpaired rows; "
+                    "set it to unpaired (or auto) for rows of prompt, completion and label, or set "
+                    "data.unpair=true to split each pair into a desirable and an undesirable row"
+                )
+        return
+    if data.unpair:
+        raise ConfigError(
+            f"data.unpair: true makes unpaired rows, but loss.name={loss} trains on pairs; "
+            "use loss.name=kto or set data.unpair=false"
+        )
+    for key, shape in shapes:
+        if shape == "unpaired":
+            raise ConfigError(
+                f"{key}: unpaired rows need an unpaired loss (loss.name=kto); loss.name={loss} "
+                "trains on pairs (chosen / rejected)"
+            )
+
+
 def _check_source(src: SourceConfig, key: str) -> None:
     if not src.path.strip():
         raise ConfigError(f"{key}.path: give a file, glob, folder or Hub dataset id")
@@ -136,7 +188,13 @@ def _check_source(src: SourceConfig, key: str) -> None:
                 f"{key}.{name}: expected one of {', '.join(choices)} or null, got {value!r}"
                 f"{suggest(str(value), choices)}"
             )
-    for name in ("prompt_column", "chosen_column", "rejected_column"):
+    for name in (
+        "prompt_column",
+        "chosen_column",
+        "rejected_column",
+        "completion_column",
+        "label_column",
+    ):
         if getattr(src, name) == "":
             raise ConfigError(f"{key}.{name}: give a column name (or null for data.{name})")
     if src.fraction is not None and not (math.isfinite(src.fraction) and 0 < src.fraction <= 1):

@@ -71,6 +71,7 @@ __all__ = [
     "boundary_index",
     "encode_pairs",
     "truncate_pair",
+    "truncate_row",
 ]
 
 DROP_REASONS = (
@@ -81,6 +82,7 @@ DROP_REASONS = (
     "identical_after_truncation",
 )
 TRUNCATED_FIELDS = ("prompt", "chosen", "rejected")
+UNPAIRED_TRUNCATED_FIELDS = ("prompt", "completion", "kl_completion")
 
 
 @dataclass(frozen=True)
@@ -222,9 +224,42 @@ def truncate_pair(
     bos_token_id: int | None,
 ) -> tuple[list, list, list] | Drop:
     """Apply the truncation policy (counting cuts in ``truncations``); return the pair or a `Drop`."""
+    fields = ("chosen", "rejected")
+    out = _truncate(prompt, (chosen, rejected), fields, settings, truncations, bos_token_id)
+    if not isinstance(out, Drop) and out[1] == out[2]:
+        return Drop("identical_after_truncation", "both responses have the same tokens")
+    return out
+
+
+def truncate_row(
+    prompt: list[int],
+    completion: list[int],
+    kl_completion: list[int],
+    settings: Settings,
+    truncations: dict[str, int],
+    bos_token_id: int | None,
+) -> tuple[list, list, list] | Drop:
+    """`truncate_pair` for an unpaired row and its KL row (`preftune.data.unpaired`): the same policy, cuts
+    counted as ``completion`` / ``kl_completion``; equal completions are fine (rows may share one)."""
+    fields = ("completion", "kl_completion")
+    return _truncate(
+        prompt, (completion, kl_completion), fields, settings, truncations, bos_token_id
+    )
+
+
+def _truncate(
+    prompt: list[int],
+    responses: tuple[list[int], list[int]],
+    fields: tuple[str, str],
+    settings: Settings,
+    truncations: dict[str, int],
+    bos_token_id: int | None,
+) -> tuple[list, list, list] | Drop:
+    """The prompt cut to ``max_prompt_length`` (its end kept for ``left``, after a leading BOS), then each
+    response to what ``max_length`` leaves; a response with no tokens is a drop."""
     limit = settings.max_prompt_length
     if limit is not None and len(prompt) > limit:
-        truncations["prompt"] += 1
+        truncations["prompt"] = truncations.get("prompt", 0) + 1
         if settings.prompt_truncation == "right":
             prompt = prompt[:limit]
         elif bos_token_id is not None and prompt[0] == bos_token_id:
@@ -237,17 +272,15 @@ def truncate_pair(
             "prompt_too_long", f"the prompt alone fills max_length {settings.max_length} tokens"
         )
     budget = settings.max_length - len(prompt)
-    if len(chosen) > budget:
-        chosen = chosen[:budget]
-        truncations["chosen"] += 1
-    if len(rejected) > budget:
-        rejected = rejected[:budget]
-        truncations["rejected"] += 1
-    if not chosen or not rejected:
+    out = []
+    for name, ids in zip(fields, responses):
+        if len(ids) > budget:
+            ids = ids[:budget]
+            truncations[name] = truncations.get(name, 0) + 1
+        out.append(ids)
+    if not all(out):
         return Drop("empty_response_after_truncation", "a response has no tokens")
-    if chosen == rejected:
-        return Drop("identical_after_truncation", "both responses have the same tokens")
-    return prompt, chosen, rejected
+    return prompt, out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------------
