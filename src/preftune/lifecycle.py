@@ -210,7 +210,9 @@ def _chain(e: BaseException | None):
         e = e.__cause__ or e.__context__
 
 
-def log_summary(cfg: Config, model, layout, reference, data, *, total_steps: int, warmup: int) -> None:
+def log_summary(
+    cfg: Config, model, layout, reference, data, *, total_steps: int, warmup: int
+) -> None:
     """The start-of-run summary (rank 0, before the first step): what will be trained, how, for how long."""
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
