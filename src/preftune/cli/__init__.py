@@ -20,7 +20,7 @@ import os
 import re
 import sys
 
-from preftune.cli import inspection, tools, train
+from preftune.cli import inspection, onpolicy, tools, train
 from preftune.cli._common import PROG, Parser, UsageError, examples, help_formatter
 from preftune.cli.train import parse_sweep
 from preftune.config import ConfigError
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for group in (train, inspection, tools):  # the order of `preftune --help`
+    for group in (train, inspection, tools, onpolicy):  # the order of `preftune --help`
         group.add_commands(sub)
     return parser
 
