@@ -89,7 +89,7 @@ def test_stuck_at_log2_fires_after_warmup_once():
     step, f = fired[0]
     assert f.rule == "stuck_at_log2" and step == 80  # 3 logged points after warm-up (60, 70, 80)
     assert "learning rate" in f.causes[0]
-    # FORMULAS.md: log 2 is the init loss for every β, so raising β is never the advice
+    # docs/FORMULAS.md: log 2 is the init loss for every β, so raising β is never the advice
     assert all("does not help" in a for a in f.advice if "β" in a)
     assert len(diag.report()) == 1
 

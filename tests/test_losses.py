@@ -250,7 +250,7 @@ def _sig(x):
 
 
 def brute(name, pc, pr, rc, rr, nc, nr, hp):
-    """(pair losses, token losses) in the plain float64 form of FORMULAS.md."""
+    """(pair losses, token losses) in the plain float64 form of docs/FORMULAS.md."""
     beta = hp["beta"]
     nc, nr = nc.clamp(min=1).double(), nr.clamp(min=1).double()
     zero = torch.zeros_like(pc)

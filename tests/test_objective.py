@@ -200,3 +200,19 @@ def test_kto_at_the_reference_is_half_the_weight():
     assert float(loss) == pytest.approx(7 / 12, abs=1e-12)
     metrics = objective.metrics(out, pol, batch)
     assert float(metrics["kl"][0]) == 0.0 and float(metrics["rewards/desirable"][1]) == 4.0
+
+
+def test_wpo_weighs_the_preference_terms_not_an_added_nll_term():
+    """[sigmoid, sft] with WPO: the sft (token) term keeps the data weights; the logged parts add up."""
+    combo = functools.partial(compute_loss, ["sigmoid", "sft"], beta=0.5)
+    pol = _pol(
+        chosen_log_collision=T([-2.0, 0.0], dtype=torch.float64),
+        rejected_log_collision=T([-1.0, -2.0], dtype=torch.float64),
+    )
+    ref = ReferenceLogps(pol.chosen_logps, pol.rejected_logps)
+    batch = _batch([1.0, 1.0])
+    loss, out = Objective(combo, wpo=True)(pol, ref, batch, 2.0, 6.0)
+    nll = (6.0 + 2.0) / 6.0  # −Σ chosen logps / chosen tokens, unweighted by WPO
+    assert float(loss) == pytest.approx(math.log(2) * math.exp(-2) + nll, rel=1e-6)
+    terms = Objective(combo, wpo=True).terms(out, batch, 2.0, 6.0)
+    assert float(terms["loss/sigmoid"] + terms["loss/sft"]) == pytest.approx(float(loss), rel=1e-6)

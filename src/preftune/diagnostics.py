@@ -2,12 +2,12 @@
 
 Why: the usual way a preference run fails is silently -- the loss sits at log 2, or both log-probs sink --
 and the user finds out after hours. Each rule here is a small pure function of the history (issue 5, "Live
-diagnostics"; the troubleshooting notes of FORMULAS.md, which correct the seed's table: the loss is log 2 at
+diagnostics"; the notes of docs/FORMULAS.md "Troubleshooting", which correct the seed's table: the loss is log 2 at
 initialisation for *every* β, so "raise β when the loss is flat" is not advice given here).
 
 Histories
 ---------
-``train``: one dict per logged train step with the keys of FORMULAS.md "Metrics": ``step``, ``loss``,
+``train``: one dict per logged train step with the keys of docs/FORMULAS.md "Metrics": ``step``, ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
 ``logps/rejected``, ``grad_norm``, ``learning_rate`` (missing keys make the rules that need them silent).
 ``eval``: one dict per evaluation with ``step`` (the train step it ran at) and the same keys, either plain

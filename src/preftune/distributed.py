@@ -14,7 +14,7 @@ Choices, and why:
   (``fully_shard``) shards every decoder layer (:func:`preftune.model.decoder_layer_classes`), then the root; its
   gradients are DTensors and :meth:`DistContext.clip_grad_norm` returns their global norm. Both average
   gradients over ranks; the trainer's loss is normalised by totals over all ranks and multiplied by the world
-  size (FORMULAS.md). Non-final micro-steps skip gradient sync (DDP ``no_sync``, FSDP2
+  size (docs/FORMULAS.md "Exact accumulation"). Non-final micro-steps skip gradient sync (DDP ``no_sync``, FSDP2
   ``set_requires_gradient_sync(False)``).
 - **Empty shares.** The sampler deals the last global batch interleaved, so a rank can get an empty
   micro-batch while others do not. DDP and FSDP need every rank to run the same forwards/backwards (their

@@ -1,4 +1,4 @@
-"""Metrics of FORMULAS.md "Metrics", accumulated on device and synced only when read.
+"""Metrics of docs/FORMULAS.md "Metrics", accumulated on device and synced only when read.
 
 :class:`StepMetrics` sums per-pair quantities as tensors during training (no host sync per micro-step);
 :func:`evaluate` runs the loss over an eval split without gradients; :func:`evaluate_model` is the

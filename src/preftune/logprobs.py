@@ -1,7 +1,7 @@
 """Sequence log-probabilities of responses: the one place where the label shift lives.
 
-Shift convention (FORMULAS.md, "Sequence log-probs")
-----------------------------------------------------
+Shift convention (docs/FORMULAS.md, "Sequence log-probs")
+---------------------------------------------------------
 The logits at position ``t`` predict token ``t + 1``. So the predictions are ``logits[:, :-1]``, their labels
 are ``input_ids[:, 1:]`` and the mask that says which predictions count is shifted **with the labels**:
 ``completion_mask[:, 1:]``. ``completion_mask[b, t] = 1`` marks ``input_ids[b, t]`` as a response token (EOS

@@ -2,7 +2,7 @@
 accumulation window. The one place where the trainer and the evaluator turn log-probs into a loss.
 
 For a micro-batch of an accumulation window with ``N_pairs`` pairs and ``N_tokens`` chosen tokens in total
-(over all micro-batches and ranks, FORMULAS.md "Exact accumulation"):
+(over all micro-batches and ranks, docs/FORMULAS.md "Exact accumulation"):
 
     loss = Σ_i w_i · ℓ_i / N_pairs + Σ_i w_i · t_i / N_tokens + aux · B / N_pairs
 
@@ -80,7 +80,7 @@ class Objective:
     def metrics(
         self, out: LossOutput, pol: SequenceLogps, batch: PairBatch
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{name: (sum, count)}`` of the per-pair metrics (FORMULAS.md "Metrics"); zeros for a
+        """``{name: (sum, count)}`` of the per-pair metrics (docs/FORMULAS.md "Metrics"); zeros for a
         placeholder (every rank must report the same names: their sums are reduced together)."""
         cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
         cl, rl = pol.chosen_logps.detach(), pol.rejected_logps.detach()
@@ -104,10 +104,11 @@ class Objective:
         self, out: LossOutput, batch: PairBatch, n_pairs: float, n_tokens: float
     ) -> dict[str, Tensor]:
         """This micro-batch's share of each named part of the loss (``loss/<name>``: the weighted terms of
-        a combination, ORPO's odds-ratio and NLL terms), reduced like the loss (before WPO's weights)."""
+        a combination, ORPO's odds-ratio and NLL terms), reduced like the loss."""
         w = batch.weights
+        pw = w if out.pair_weights is None else out.pair_weights
         return {
-            f"loss/{name}": ((w * pair).sum() / n_pairs + (w * token).sum() / n_tokens).detach()
+            f"loss/{name}": ((pw * pair).sum() / n_pairs + (w * token).sum() / n_tokens).detach()
             for name, (pair, token) in out.parts.items()
         }
 
@@ -138,17 +139,16 @@ class Objective:
         out = self.loss_fn(
             pc, pr, rc, rr, chosen_tokens=pol.chosen_tokens, rejected_tokens=pol.rejected_tokens
         )
-        weights = batch.weights
-        if self.wpo:
-            weights = weights * wpo_weights(
+        if self.wpo:  # WPO weighs the pairs' preference terms, not an added NLL term
+            out.pair_weights = batch.weights * wpo_weights(
                 pol.chosen_logps,
                 pol.rejected_logps,
                 pol.chosen_tokens,
                 pol.rejected_tokens,
                 pol.chosen_log_collision,
                 pol.rejected_log_collision,
-            ).to(weights.dtype)
-        loss = out.reduce(n_pairs, n_tokens, weights=weights)
+            ).to(batch.weights.dtype)
+        loss = out.reduce(n_pairs, n_tokens, weights=batch.weights)
         if pol.aux_loss is not None:
             loss = loss + pol.aux_loss * (batch.num_pairs / n_pairs)
         return loss, out

@@ -1,4 +1,4 @@
-"""Reference strategies: where π_ref's log-probs come from (FORMULAS.md "The reference model").
+"""Reference strategies: where π_ref's log-probs come from (docs/FORMULAS.md "The reference model").
 
 Each strategy has one job, answering ``logps(batch, split)`` with detached ``(ref_chosen_logps,
 ref_rejected_logps)`` for a batch of the run's :class:`~preftune.model.Layout`:
@@ -132,8 +132,14 @@ class AdapterReference(Reference):
 
     @torch.no_grad()
     def logps(self, batch: PairBatch, split: str = "train") -> ReferenceLogps:
-        with self.policy.model.disable_adapter():
-            return ReferenceLogps.of(self.layout.logps(self.policy, batch))
+        # Eval mode: with model.dropout on, the policy trains with noise but θ₀'s log-probs have none.
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.model.disable_adapter():
+                return ReferenceLogps.of(self.layout.logps(self.policy, batch))
+        finally:
+            self.policy.train(was_training)
 
 
 class PrecomputedReference(Reference):

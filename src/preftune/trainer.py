@@ -1,7 +1,7 @@
 """The training loop: policy + reference + preference pairs -> a better model folder.
 
 Read :func:`train` top to bottom: set up the run, then one optimizer step per window of micro-batches.
-Gradient accumulation is exact (FORMULAS.md): every micro-batch loss is divided by the pair and token totals
+Gradient accumulation is exact (docs/FORMULAS.md "Exact accumulation"): every micro-batch loss is divided by the pair and token totals
 of its whole window (and of all ranks), so k micro-steps give the gradient of one big batch. The loss is
 whatever ``cfg.loss`` names; the loop never looks at the name.
 
@@ -348,10 +348,11 @@ def window_backward(
     dist: DistContext,
     metrics: StepMetrics | None = None,
 ) -> int:
-    """Forward and backward over one window of micro-batches; gradients equal one big batch's.
+    """Forward and backward over one window of micro-batches; gradients equal one big batch's (the MoE
+    router term excepted: a load-balancing loss is a product of batch means, so it is taken per micro-batch).
 
     Each micro-batch loss is ``Σ w·pair_losses / N_pairs + Σ w·token_losses / N_tokens`` with the window's
-    totals over all ranks (FORMULAS.md), known before the first backward, plus the model's router term
+    totals over all ranks (docs/FORMULAS.md "Exact accumulation"), known before the first backward, plus the model's router term
     (MoE, when asked) weighted by the micro-batch's share of the pairs. Returns the window's pair count.
     A placeholder micro-batch (weight 0, an empty share on this rank) takes part in the forward/backward
     (DDP/FSDP hooks are collectives) but adds nothing to the totals, the gradient or the metrics.

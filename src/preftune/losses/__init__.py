@@ -1,4 +1,4 @@
-"""The DPO loss family as pure functions of per-pair log-probs (spec: FORMULAS.md, "Losses").
+"""The DPO loss family as pure functions of per-pair log-probs (spec: docs/FORMULAS.md, "Losses").
 
 Layout: :mod:`~preftune.losses.core` (``LossOutput``, ``LossSpec``, shared numeric helpers),
 :mod:`~preftune.losses.dpo_family` (losses on log-ratios to a reference),
@@ -40,8 +40,8 @@ Rewards (detached, for logging): ``β·(logp_θ − logp_ref)`` for the losses w
 ``simpo``/``orpo``; ``sft`` alone reports ``β·(logp_θ − logp_ref)`` when reference log-probs are given, else the
 average log-prob ``ā`` (unscaled).
 
-Hyperparameters (keyword arguments; defaults from FORMULAS.md "Defaults")
--------------------------------------------------------------------------
+Hyperparameters (keyword arguments; defaults from docs/FORMULAS.md "Defaults")
+------------------------------------------------------------------------------
 =====================  ======================================================  =====================
 name                   meaning                                                 default
 =====================  ======================================================  =====================

@@ -32,6 +32,8 @@ class LossOutput:
     # For logging, detached: name -> (pair part [B], token part [B]) of each weighted term of a
     # combination, and of the named components of a loss that has two (ORPO: odds_ratio, nll).
     parts: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # Per-pair weights of the pair terms when they differ from the token terms' (WPO), else None.
+    pair_weights: Tensor | None = None
 
     def reduce(
         self,
@@ -39,7 +41,8 @@ class LossOutput:
         num_tokens: int | float | Tensor | None = None,
         weights: Tensor | None = None,
     ) -> Tensor:
-        """``Σ w·losses / num_pairs + Σ w·token_losses / num_tokens`` (a scalar); ``w`` = per-pair weights.
+        """``Σ w·losses / num_pairs + Σ w·token_losses / num_tokens`` (a scalar); ``w`` = per-pair weights
+        (the pair terms use ``pair_weights`` instead when set: WPO).
 
         Defaults are this batch's pair count and its total chosen tokens (each at least 1) and weights 1.
         For exact gradient accumulation pass the totals over the whole accumulation window (and all ranks):
@@ -50,8 +53,12 @@ class LossOutput:
         if num_tokens is None:
             num_tokens = self.chosen_tokens.sum().clamp(min=1)
         losses, token_losses = self.losses, self.token_losses
+        if self.pair_weights is not None:
+            losses = self.pair_weights * losses
+        elif weights is not None:
+            losses = weights * losses
         if weights is not None:
-            losses, token_losses = weights * losses, weights * token_losses
+            token_losses = weights * token_losses
         return losses.sum() / num_pairs + token_losses.sum() / num_tokens
 
 
@@ -150,7 +157,7 @@ def _output(
 
 
 def _log1mexp(a: Tensor) -> Tensor:
-    """``log(1 − e^a)`` for ``a < 0`` (FORMULAS.md): ``log(−expm1(a))`` above −ln 2, ``log1p(−exp(a))`` below.
+    """``log(1 − e^a)`` for ``a < 0`` (docs/FORMULAS.md "Numerical notes"): ``log(−expm1(a))`` above −ln 2, ``log1p(−exp(a))`` below.
 
     The input is clamped inside each branch, so the branch that ``torch.where`` discards has finite
     gradients too (no NaN at ``a ≈ 0``). ``a`` is also kept ≤ −1e-20, which only matters at ``a = 0``

@@ -222,7 +222,7 @@ def bco_pair(
     """Paired BCO: ``−log σ(β r_w) − log σ(−β r_l)`` (each response classified on its own).
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment".
-    (No running reward-mean shift: FORMULAS.md's form.)
+    (No running reward-mean shift: docs/FORMULAS.md "The DPO family".)
 
     Args:
         beta: β, scale of the implicit reward. Default 0.1.

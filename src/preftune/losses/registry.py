@@ -121,7 +121,7 @@ LOSSES: dict[str, LossSpec] = {
         "AOT, unpaired: sorted chosen vs rejected log-ratios (couples the micro-batch)",
     ),
     "sft": _SFT_SPEC,
-    "nll": _SFT_SPEC,  # FORMULAS.md's other name for sft
+    "nll": _SFT_SPEC,  # another name for sft (docs/FORMULAS.md "Reference-free losses")
 }
 
 
