@@ -52,7 +52,7 @@ def test_best_worst_pairs_and_drop_reasons():
         "below_margin": 1,
         "identical_text": 1,
     }
-    assert report.excluded_samples == {"unscored": 3, "truncated": 1}
+    assert report.excluded_samples == {"unscored": 3, "truncated": 1, "empty": 0}
     assert report.pairs == 2 and report.prompts_with_pairs == 2 and report.prompts == 7
     assert (report.chosen_tokens, report.rejected_tokens) == (11.5, 11.5)
     kept, report = make_pairs(ROWS, keep_truncated=True)

@@ -38,12 +38,14 @@ from preftune.data.spec import (
     check_data,
     check_examples,
 )
+from preftune.loopspec import LoopConfig, check_loop
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
     "LogConfig",
+    "LoopConfig",
     "LoraConfig",
     "LossConfig",
     "ModelConfig",
@@ -234,6 +236,7 @@ class Config:
     optim: OptimConfig = _f(OptimConfig, "optimizer and schedule")
     train: TrainConfig = _f(TrainConfig, "training loop")
     log: LogConfig = _f(LogConfig, "logging")
+    loop: LoopConfig = _f(LoopConfig, "iterative on-policy DPO (preftune loop); ignored by train")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,6 +333,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks; raise ConfigError naming the keys involved. Loss aliases are resolved first."""
     _resolve_aliases(cfg)
     check_data(cfg.data)
+    check_loop(cfg.loop)
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:

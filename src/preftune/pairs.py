@@ -48,7 +48,7 @@ class PairsReport:
     prompts_with_pairs: int = 0
     drops: dict[str, int] = field(default_factory=dict)  # prompts, per reason
     pair_drops: dict[str, int] = field(default_factory=dict)  # candidate pairs (mode "all")
-    excluded_samples: dict[str, int] = field(default_factory=dict)  # "unscored", "truncated"
+    excluded_samples: dict[str, int] = field(default_factory=dict)  # unscored, truncated, empty
     chosen_tokens: float = float("nan")  # mean completion tokens of chosen / rejected answers:
     rejected_tokens: float = float("nan")  # a large gap means the judge rewards length
 
@@ -76,6 +76,8 @@ def _usable(row: dict, keep_truncated: bool, excluded: Counter) -> list[int]:
             excluded["unscored"] += 1
         elif reasons[k] == "length" and not keep_truncated:
             excluded["truncated"] += 1
+        elif not row["completions"][k].strip():  # an empty answer is no response to train on
+            excluded["empty"] += 1
         else:
             keep.append(k)
     return keep
@@ -159,7 +161,7 @@ def make_pairs(
             lengths.append((tokens[i], tokens[j]))
     report.pairs = len(pairs)
     report.drops = {r: drops[r] for r in DROP_REASONS}
-    report.excluded_samples = {r: excluded[r] for r in ("unscored", "truncated")}
+    report.excluded_samples = {r: excluded[r] for r in ("unscored", "truncated", "empty")}
     if mode == "all":
         report.pair_drops = {r: pair_drops[r] for r in ("tied", "below_margin", "identical_text")}
     if lengths:

@@ -22,6 +22,7 @@ whatever K is, so raising K keeps the first samples.
 
 Output JSONL, one line per prompt, written and flushed batch by batch in plan order: ``index`` (0-based,
 over the files in order), ``prompt`` (as read), ``completions``, ``completion_tokens`` (EOS included),
+``completion_ids`` (the sampled ids, EOS included when stopped),
 ``finish_reasons`` (``stop``: EOS, ``length``: cut at ``max_new_tokens``), ``prompt_tokens``, ``settings``
 and ``fields``. Resume: complete lines are kept (their settings and prompts must match, else a
 `SamplingError`), a partial last line is cut off, and the batches not fully written are generated again,
@@ -425,6 +426,7 @@ def _line(
         "prompt": p.prompt,
         "completions": texts,
         "completion_tokens": [len(t) for t in toks],
+        "completion_ids": toks,  # exact ids (EOS included when stopped): log-probs need no re-tokenizing
         "finish_reasons": ["stop" if _stopped(t, gen) else "length" for t in toks],
         "prompt_tokens": n_prompt,
         "settings": settings,

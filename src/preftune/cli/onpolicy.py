@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from preftune.cli._common import (
     UsageError,
@@ -159,6 +160,67 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    from preftune.config import load_config
+
+    cfg = load_config(existing_file(args.config, "config file"), args.overrides)
+    from preftune.loop import run_loop
+
+    root = run_loop(cfg)
+    print(f"loop report: {root / 'loop_report.md'}")
+    print(f"final model: {root / f'round-{cfg.loop.rounds}' / 'run' / 'final'}")
+    return 0
+
+
+def cmd_geneval(args: argparse.Namespace) -> int:
+    """``preftune geneval``: sample on held-out prompts, judge, compare with a reference model."""
+    from dataclasses import replace
+
+    from preftune.sampling import SamplingSettings
+
+    if args.samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {args.samples}")
+    try:
+        from preftune.geneval import generation_eval
+        from preftune.judges import load_judge
+        from preftune.model import load_model, load_tokenizer, resolve_device, resolve_source
+        from preftune.sampling import read_prompts
+
+        judge = load_judge(args.judge)
+        prompts = read_prompts(args.prompts)
+    except ValueError as e:
+        raise _usage(e) from None
+    device = resolve_device("auto")
+    source = resolve_source(args.model, setting="--model")
+    tokenizer = load_tokenizer(source)
+    policy = load_model(source, device=device).eval()
+    reference = (
+        load_model(resolve_source(args.ref, setting="--ref"), device=device).eval()
+        if args.ref
+        else None
+    )
+    chat = bool(getattr(tokenizer, "chat_template", None)) and args.chat != "off"
+    greedy = SamplingSettings(
+        num_samples=1, temperature=0.0, max_new_tokens=args.max_new_tokens, chat=chat
+    )
+    decodings = {"greedy": greedy}
+    if args.samples:
+        decodings["sampled"] = replace(
+            greedy, num_samples=args.samples, temperature=args.temperature, seed=args.seed
+        )
+    metrics = generation_eval(
+        policy, tokenizer, prompts, judge, decodings=decodings, out_dir=Path(args.out),
+        reference=reference, batch_size=args.batch_size, progress=not args.no_progress,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        width = max(len(k) for k in metrics)
+        for key, value in metrics.items():
+            print(f"{key:<{width}}  {value:.4f}")
+    return 0
+
+
 def _judge_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--judge",
@@ -254,3 +316,53 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--report", metavar="JSON", help="counts per drop reason as JSON")
     _judge_options(p, required=False)
+
+    p = add_command(
+        sub,
+        "loop",
+        cmd_loop,
+        help="iterative on-policy DPO: rounds of sample, judge, pairs, train, evaluate",
+        description="Run (or continue) loop.rounds rounds from a config: each round samples "
+        "loop.samples answers per prompt from the current policy, judges them (loop.judge), trains "
+        "on best-vs-worst pairs (a normal run folder), and evaluates on loop.eval_prompts by "
+        "generation. A killed loop continues where it stopped. Writes loop_report.md and rounds.png.",
+        example_lines="""
+            preftune loop examples/smollm2_rules/loop.yaml
+            preftune loop loop.yaml loop.rounds=3 loop.samples=12
+            """,
+    )
+    p.add_argument("config", metavar="CONFIG.yaml", help="run config with a loop section")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+    p = add_command(
+        sub,
+        "geneval",
+        cmd_geneval,
+        help="generation-based eval: pass rate, win rate, length and KL on held-out prompts",
+        description="Sample answers (greedy, and --samples per prompt at --temperature) on held-out "
+        "prompts, score them with a judge, and with --ref compare against the reference model's "
+        "answers (win rate under the same judge, KL to the reference on the model's answers).",
+        example_lines="""
+            preftune geneval --model runs/loop/round-2/run/final --ref models/base \\
+                --prompts heldout.jsonl --judge rules: --samples 4 --out runs/geneval
+            """,
+    )
+    p.add_argument(
+        "--model", required=True, help="model folder, .gguf file, Hub id or adapter folder"
+    )
+    p.add_argument("--ref", help="reference model (win rate and KL); default: none")
+    p.add_argument("--prompts", required=True, nargs="+", metavar="FILE", help="held-out prompts")
+    p.add_argument(
+        "--judge", required=True, metavar="SPEC", help="rules: | python:M:F | reward-model:P"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="answers are kept here (resumable)")
+    p.add_argument("--samples", type=int, default=4, help="sampled answers per prompt (default: 4)")
+    p.add_argument("--temperature", type=float, default=0.8, help="default: 0.8")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
+    p.add_argument("--seed", type=int, default=1, help="default: 1")
+    p.add_argument(
+        "--chat", choices=("auto", "off"), default="auto", help="apply the chat template"
+    )
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="default: 16")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,158 @@
+"""Generation-based evaluation: sample answers on held-out prompts, judge them, compare with a reference.
+
+For each decoding (``greedy``: one answer per prompt; ``sampled``: K answers at a temperature), over the
+held-out prompts:
+
+- ``pass_rate``: share of answers with a judge score of 1.0 or more (every rule passed; a 0/1 reward's
+  successes); ``mean_score``: the mean judge score;
+- ``win_rate``: answer k of the policy against answer k of the reference model for the same prompt and
+  seed, under the same judge: 1 for a higher score, 0.5 for a tie, averaged (0.5 = no better);
+- ``mean_words``, ``mean_tokens``, ``truncated``: answer length (length exploitation is a known DPO failure:
+  a gain in pass rate should not come from shorter or longer answers alone) and the share cut at
+  ``max_new_tokens``;
+- ``kl``: the mean over the policy's answers of ``log π(y|x) − log π_ref(y|x)`` (nats per answer), from the
+  sampled token ids. For answers drawn from π at temperature 1 this is an unbiased estimate of
+  ``KL(π ‖ π_ref)``; at another temperature, or greedy, it is the log-ratio on the answers the policy gives.
+
+Answers are written to ``out_dir`` (``<name>-<decoding>.jsonl``, resumable by :func:`preftune.sampling.
+sample_to_file`), so a rerun reuses them and the reference's answers are sampled once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.judges import judge_rows
+from preftune.model import PaddedLayout
+from preftune.pairs import read_samples
+from preftune.sampling import HFGenerator, PromptRecord, SamplingSettings, sample_to_file
+
+__all__ = ["answer_logps", "generation_eval", "sample_answers"]
+
+
+def sample_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[PromptRecord],
+    settings: SamplingSettings,
+    path: Path,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[dict]:
+    """The answers of ``model`` (a samples file at ``path``, resumed when it exists), read back."""
+    model.eval()
+    sample_to_file(
+        HFGenerator(model, tokenizer, settings),
+        tokenizer,
+        prompts,
+        path,
+        settings,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return sorted(read_samples(path), key=lambda r: r["index"])
+
+
+@torch.no_grad()
+def answer_logps(
+    model: Any, tokenizer: Any, rows: list[dict], *, chat: bool, batch_size: int = 16
+) -> list[list[float]]:
+    """``log π(y | x)`` of every answer of every row (summed over the sampled ids, EOS included)."""
+    from preftune.sampling import _prompt_ids
+
+    layout = PaddedLayout(pad_token_id=tokenizer.pad_token_id, chunk_size=1024)
+    module = layout.module(model)
+    model.eval()
+    examples, where = [], []
+    for r, row in enumerate(rows):
+        prompt_ids = _prompt_ids(tokenizer, row["prompt"], chat)
+        for k, ids in enumerate(row["completion_ids"]):
+            # A pair's rejected side is unused here: the answer again (one batch row more, no branch).
+            examples.append({"prompt_ids": prompt_ids, "chosen_ids": ids, "rejected_ids": ids})
+            where.append((r, k))
+    out: list[list[float]] = [[0.0] * len(row["completion_ids"]) for row in rows]
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = layout.collate(examples[start : start + batch_size]).to(device)
+        logps = layout.logps(module, batch).chosen_logps.tolist()
+        for (r, k), value in zip(where[start : start + batch_size], logps):
+            out[r][k] = value
+    return out
+
+
+def _words(text: str) -> int:
+    return len(re.findall(r"\w+(?:['’]\w+)*", text))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def generation_eval(
+    policy: Any,
+    tokenizer: Any,
+    prompts: list[PromptRecord],
+    judge: Any,
+    *,
+    decodings: dict[str, SamplingSettings],
+    out_dir: Path,
+    reference: Any = None,
+    reference_dir: Path | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, float]:
+    """The metrics of the module docstring, ``<decoding>/<metric>``, for each of ``decodings``.
+
+    ``reference``: the reference model (win rate and KL; None: policy metrics only); its answers are kept in
+    ``reference_dir`` (default ``out_dir``), so a loop samples them once for all rounds.
+    """
+    out_dir, reference_dir = Path(out_dir), Path(reference_dir or out_dir)
+    metrics: dict[str, float] = {}
+    for name, settings in decodings.items():
+        rows = sample_answers(
+            policy, tokenizer, prompts, replace(settings, model="policy"),
+            out_dir / f"policy-{name}.jsonl", batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+        judged = judge_rows(judge, rows)
+        answers = [c for row in rows for c in row["completions"]]
+        scores = [s for row in rows for s in row["scores"] if s is not None]
+        m = {
+            "pass_rate": judged.pass_rate,
+            "mean_score": judged.mean_score,
+            "mean_words": _mean([_words(a) for a in answers]),
+            "mean_tokens": _mean([t for row in rows for t in row["completion_tokens"]]),
+            "truncated": _mean(
+                [float(f == "length") for row in rows for f in row["finish_reasons"]]
+            ),
+            "answers": float(len(answers)),
+            "judge_failures": float(judged.failed_samples),
+        }
+        if not scores:
+            m["pass_rate"] = m["mean_score"] = float("nan")
+        if reference is not None:
+            ref_rows = sample_answers(
+                reference, tokenizer, prompts, replace(settings, model="reference"),
+                reference_dir / f"reference-{name}.jsonl", batch_size=batch_size, progress=progress,
+            )  # fmt: skip
+            judge_rows(judge, ref_rows)
+            wins = []
+            for row, ref_row in zip(rows, ref_rows):
+                for s, r in zip(row["scores"], ref_row["scores"]):
+                    if s is not None and r is not None:
+                        wins.append(1.0 if s > r else 0.5 if s == r else 0.0)
+            m["win_rate"] = _mean(wins)
+            pol = answer_logps(policy, tokenizer, rows, chat=settings.chat, batch_size=batch_size)
+            ref = answer_logps(
+                reference, tokenizer, rows, chat=settings.chat, batch_size=batch_size
+            )
+            m["kl"] = _mean([p - q for ps, qs in zip(pol, ref) for p, q in zip(ps, qs)])
+        metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    return {k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}

@@ -1,0 +1,127 @@
+"""preftune.loop and preftune.geneval: a 2-round on-policy loop on a tiny model (folders, report, resume),
+and the generation eval on a hand-checkable case (a model against itself)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from _tiny import make_tiny_llama, write_jsonl
+
+JUDGE = '''
+def score(prompt, completions):
+    """Share of the letter a: a rule the random tiny model passes now and then (1.0 = all a's)."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    make_tiny_llama(root / "model")
+    words = ["cat", "dog", "sun", "map", "pen", "cup", "hat", "box", "bee", "owl"]
+    write_jsonl(root / "prompts.jsonl", [{"prompt": f"say {w}:"} for w in words])
+    write_jsonl(root / "heldout.jsonl", [{"prompt": f"now {w}?"} for w in words[:4]])
+    (root / "judge_a.py").write_text(JUDGE)
+    return root
+
+
+def _cfg(root, **loop):
+    from _tiny import tiny_train_config
+
+    cfg = tiny_train_config(
+        root / "model", root / "prompts.jsonl", root / "run",
+        train__max_steps=2, train__batch_size=4, optim__lr=1e-2,
+    )  # fmt: skip
+    cfg.loop.rounds = 2
+    cfg.loop.prompts = [str(root / "prompts.jsonl")]
+    cfg.loop.eval_prompts = [str(root / "heldout.jsonl")]
+    cfg.loop.judge = f"python:{root / 'judge_a.py'}:score"
+    cfg.loop.samples, cfg.loop.max_new_tokens, cfg.loop.eval_samples = 6, 8, 2
+    cfg.loop.batch_size = 4
+    cfg.loop.keep_truncated = True  # a random tiny model rarely says EOS within 8 tokens
+    for k, v in loop.items():
+        setattr(cfg.loop, k, v)
+    return cfg
+
+
+def test_two_rounds_leave_runs_evals_and_a_report_and_resume_does_nothing_twice(setup):
+    from preftune.loop import run_loop
+
+    root = run_loop(_cfg(setup))
+    for r in (1, 2):
+        out = root / f"round-{r}"
+        for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "eval.json", "times.json"):
+            assert (out / name).is_file(), (r, name)
+        assert (out / "run" / "final" / "model.safetensors").is_file()
+        pairs = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+        assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    first = json.loads((root / "round-0" / "eval.json").read_text())
+    # Round 0 is the initial model against itself: same answers, log-ratio 0, every comparison a tie.
+    assert first["sampled/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert first["sampled/win_rate"] == 0.5 and first["greedy/win_rate"] == 0.5
+    last = json.loads((root / "round-2" / "eval.json").read_text())
+    assert {"greedy/pass_rate", "sampled/mean_words", "sampled/kl", "sampled/truncated"} <= set(
+        last
+    )
+    assert math.isfinite(last["sampled/kl"])
+    report = (root / "loop_report.md").read_text()
+    assert [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")][
+        1:
+    ] == ["0", "1", "2"]
+    assert (root / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+    # A rerun finds every stage done: nothing is sampled, trained or evaluated again.
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.json*") if "tensorboard" not in str(p)}
+    run_loop(_cfg(setup))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_round_two_trains_from_round_one(setup):
+    cfg = json.loads((setup / "run" / "round-2" / "run" / "fingerprint.json").read_text())
+    assert cfg["settings"]["model.path"] == str(setup / "run" / "round-1" / "run" / "final")
+
+
+def test_generation_eval_of_a_model_against_itself(setup, tmp_path):
+    """pass_rate is the share of answers scoring 1.0 (here: all a's), recomputed from the answers file;
+    a model against itself ties everywhere and has a log-ratio of exactly 0 on its answers."""
+    from preftune.geneval import generation_eval
+    from preftune.judges import load_judge
+    from preftune.model import load_model, load_tokenizer, resolve_device, resolve_source
+    from preftune.pairs import read_samples
+    from preftune.sampling import SamplingSettings, read_prompts
+
+    source = resolve_source(setup / "model")
+    model = load_model(source, device=resolve_device("cpu"))
+    tokenizer = load_tokenizer(source)
+    judge = load_judge(f"python:{setup / 'judge_a.py'}:score")
+    decodings = {"sampled": SamplingSettings(num_samples=3, temperature=1.0, max_new_tokens=6)}
+    m = generation_eval(
+        model, tokenizer, read_prompts(str(setup / "heldout.jsonl")), judge,
+        decodings=decodings, out_dir=tmp_path, reference=model,
+    )  # fmt: skip
+    answers = [
+        c for row in read_samples(tmp_path / "policy-sampled.jsonl") for c in row["completions"]
+    ]
+    expected = sum(c.count("a") / max(len(c), 1) >= 1.0 for c in answers) / len(answers)
+    assert m["sampled/answers"] == 12 and m["sampled/pass_rate"] == pytest.approx(expected)
+    assert m["sampled/win_rate"] == 0.5 and m["sampled/kl"] == 0.0
+
+
+def test_cli_geneval_and_loop(setup, tmp_path, capsys):
+    from preftune.cli import main
+
+    argv = [
+        "geneval", "--model", str(setup / "model"), "--ref", str(setup / "model"),
+        "--prompts", str(setup / "heldout.jsonl"), "--judge", f"python:{setup / 'judge_a.py'}:score",
+        "--out", str(tmp_path / "ge"), "--samples", "2", "--max-new-tokens", "4", "--json",
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["sampled/win_rate"] == 0.5 and "greedy/pass_rate" in metrics
+    config = tmp_path / "loop.yaml"
+    config.write_text(f"model: {{path: {setup / 'model'}}}\nloop: {{rounds: 1}}\n")
+    assert main(["loop", str(config)]) == 2  # no loop.prompts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loop.prompts" in err[0]
