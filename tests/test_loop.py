@@ -101,7 +101,7 @@ def test_generation_eval_of_a_model_against_itself(setup, tmp_path):
         decodings=decodings, out_dir=tmp_path, reference=model,
     )  # fmt: skip
     answers = [
-        c for row in read_samples(tmp_path / "policy-sampled.jsonl") for c in row["completions"]
+        c for row in read_samples(tmp_path / "reference-sampled.jsonl") for c in row["completions"]
     ]
     expected = sum(c.count("a") / max(len(c), 1) >= 1.0 for c in answers) / len(answers)
     assert m["sampled/answers"] == 12 and m["sampled/pass_rate"] == pytest.approx(expected)

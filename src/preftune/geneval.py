@@ -117,9 +117,13 @@ def generation_eval(
     out_dir, reference_dir = Path(out_dir), Path(reference_dir or out_dir)
     metrics: dict[str, float] = {}
     for name, settings in decodings.items():
+        # The model against itself (a loop's round 0): its answers are the reference's, kept for later.
+        same = reference is policy
+        who = "reference" if same else "policy"
         rows = sample_answers(
-            policy, tokenizer, prompts, replace(settings, model="policy"),
-            out_dir / f"policy-{name}.jsonl", batch_size=batch_size, progress=progress,
+            policy, tokenizer, prompts, replace(settings, model=who),
+            (reference_dir if same else out_dir) / f"{who}-{name}.jsonl",
+            batch_size=batch_size, progress=progress,
         )  # fmt: skip
         judged = judge_rows(judge, rows)
         answers = [c for row in rows for c in row["completions"]]
@@ -137,7 +141,9 @@ def generation_eval(
         }
         if not scores:
             m["pass_rate"] = m["mean_score"] = float("nan")
-        if reference is not None:
+        if same:  # the same answers, a log-ratio of 0
+            m["win_rate"], m["kl"] = 0.5, 0.0
+        elif reference is not None:
             ref_rows = sample_answers(
                 reference, tokenizer, prompts, replace(settings, model="reference"),
                 reference_dir / f"reference-{name}.jsonl", batch_size=batch_size, progress=progress,

@@ -98,7 +98,7 @@ def _settings(loop: LoopConfig, seed: int, *, chat: bool):
 
 
 def _evaluate(
-    path, reference, tokenizer, prompts, judge, decodings, out: Path, root: Path, cfg, dev
+    path, reference, reference_path, tokenizer, prompts, judge, decodings, out, root, cfg, dev
 ):
     """``out/eval.json`` of the model at ``path`` (computed once)."""
     from preftune.geneval import generation_eval
@@ -108,7 +108,8 @@ def _evaluate(
         return done
     if not prompts:
         return {}
-    policy, _ = _load(path, cfg, dev)
+    # Round 0 evaluates the initial model: it is its own reference (no second set of answers).
+    policy = reference if path == reference_path else _load(path, cfg, dev)[0]
     metrics = generation_eval(
         policy, tokenizer, prompts, judge, decodings=decodings, out_dir=out / "eval",
         reference=reference, reference_dir=root / "reference-answers",
@@ -161,8 +162,8 @@ def run_loop(cfg: Config) -> Path:
     chat = bool(getattr(tokenizer, "chat_template", None))
     _, decodings = _settings(loop, cfg.train.seed, chat=chat)
     rounds = [{"round": 0, "eval": _evaluate(
-        initial, reference, tokenizer, eval_prompts, judge, decodings, root / "round-0", root, cfg,
-        device,
+        initial, reference, initial, tokenizer, eval_prompts, judge, decodings, root / "round-0",
+        root, cfg, device,
     )}]  # fmt: skip
     policy = initial
     for r in range(1, loop.rounds + 1):
@@ -220,8 +221,9 @@ def run_loop(cfg: Config) -> Path:
         # 5. evaluate
         t = time.perf_counter()
         metrics = _evaluate(
-            policy, reference, tokenizer, eval_prompts, judge, decodings, out, root, cfg, device
-        )
+            policy, reference, initial, tokenizer, eval_prompts, judge, decodings, out, root, cfg,
+            device,
+        )  # fmt: skip
         times.setdefault("eval_s", time.perf_counter() - t)
         if times != known:  # a finished round is left exactly as it was
             _write_json(out / "times.json", times)
