@@ -57,6 +57,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import compare  # noqa: E402  (stdlib + _common only: the parent never imports torch)
+import compare_workers  # noqa: E402
 from _common import (  # noqa: E402
     MODELS,
     bench_env,
@@ -978,7 +979,7 @@ def _cuda_shims(spec: dict) -> None:
     probe = functools.partial(probe_tflops, device)
     _common.matmul_gflops = lambda: probe() * 1e3  # GFLOP/s, as compare.summarize_run expects
 
-    base = compare.Recorder
+    base = compare_workers.Recorder
 
     class DeviceRecorder(base):
         peak_alloc: int | None = None
@@ -1004,7 +1005,7 @@ def _cuda_shims(spec: dict) -> None:
             )
             super().dump(path, **extra)
 
-    compare.Recorder = DeviceRecorder
+    compare_workers.Recorder = DeviceRecorder  # the workers' module looks it up at call time
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 

@@ -11,9 +11,25 @@ CHARS = string.ascii_lowercase + string.digits + " ?!.,:+-=\n"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def make_char_tokenizer(out_dir: Path, *, bos: bool = True):
-    """A character-level fast tokenizer (one token per character) saved as a HF tokenizer folder."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+#: The default chat template: ``role: content`` lines, then ``assistant: ``.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+#: The CLI tests' template: BOS first, ``assistant:`` without the space.
+BOS_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def make_char_tokenizer(
+    out_dir: Path, *, bos: bool = True, fuse: bool = False, chat_template: str = CHAT_TEMPLATE
+):
+    """A character-level fast tokenizer (one token per character) saved as a HF tokenizer folder.
+
+    ``fuse``: decode characters back together (``"hi"``, not ``"h i"``), as a real tokenizer does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
@@ -23,6 +39,8 @@ def make_char_tokenizer(out_dir: Path, *, bos: bool = True):
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
         )
+    if fuse:
+        tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -30,10 +48,7 @@ def make_char_tokenizer(out_dir: Path, *, bos: bool = True):
         pad_token="<pad>",
         unk_token="<unk>",
     )
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
-    )
+    fast.chat_template = chat_template
     out_dir = Path(out_dir)
     fast.save_pretrained(out_dir)
     return fast
@@ -48,13 +63,15 @@ def make_tiny_llama(
     layers: int = 2,
     tie: bool = True,
     save_tokenizer: bool = True,
+    **tokenizer_kwargs,
 ):
-    """A random-init tiny Llama saved (safetensors) with the char tokenizer beside it."""
+    """A random-init tiny Llama saved (safetensors) with the char tokenizer beside it
+    (``tokenizer_kwargs``: :func:`make_char_tokenizer`'s)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = make_char_tokenizer(out_dir) if save_tokenizer else None
+    tokenizer = make_char_tokenizer(out_dir, **tokenizer_kwargs) if save_tokenizer else None
     vocab_size = vocab_size or len(SPECIALS) + len(CHARS)
     config = LlamaConfig(
         vocab_size=vocab_size,

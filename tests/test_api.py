@@ -25,7 +25,7 @@ FROZEN = {
     "train": (
         "(config: 'Config | Mapping | str | Path | None' = None, overrides: 'Sequence[str]' = (), *, "
         "model: 'Any' = None, tokenizer: 'Any' = None, train_data: 'Any' = None, "
-        "eval_data: 'Any' = None) -> 'TrainResult'"
+        "eval_data: 'Any' = None, callbacks: 'Sequence[Callback]' = ()) -> 'TrainResult'"
     ),
     "TrainResult": None,
     "TrainingError": None,

@@ -1,7 +1,8 @@
 """preftune.cli: parsing, help, exit codes and one-line errors, and each subcommand on tiny local inputs.
 
-Modules owned elsewhere (trainer, demo, evaluation) are replaced by fakes in ``sys.modules`` here, so these
-tests check the CLI's wiring only; tests/test_cli_e2e.py runs the real ones.
+The trainer's ``train`` is stood in for under its real signature and returns real ``TrainResult`` objects
+(the demo runner: a fake module of the same signature), so these tests check the CLI's wiring only;
+tests/test_cli_e2e.py runs the real ones, tests/test_cli_evaluate.py ``preftune eval``.
 """
 
 from __future__ import annotations
@@ -21,71 +22,10 @@ from preftune import cli
 from preftune.cli import main, parse_sweep
 
 COMMANDS = ["train", "demo", "data", "eval", "generate", "plot"]
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 ?!.,:+-=\n"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tiny local tokenizer, model and data (nothing downloaded)
-
-
-def make_tokenizer(out: Path) -> Path:
-    """A character-level fast tokenizer with BOS/EOS/PAD and a chat template, saved to ``out``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
-    )
-    tok.decoder = decoders.Fuse()  # characters back together, no spaces between them
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    fast.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}"
-    )
-    fast.save_pretrained(out)
-    return out
-
-
-def make_model(out: Path) -> Path:
-    """A random-init tiny Llama with the tiny tokenizer beside it, saved to ``out``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=4 + len(CHARS),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    make_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("model"))
+# Tiny local data (the tokenizer and model folders: tests/conftest.py's tok_dir and model_dir)
 
 
 def write_pairs(path: Path, n: int = 12, extra: list[dict] | None = None) -> Path:
@@ -176,12 +116,13 @@ def test_parse_each_subcommand():
         1,
     )
 
+    # --beta unset: the loss registry's default, read when the command runs (tests/test_cli_evaluate.py)
     a = cli._parse(["eval", "--model", "m", "--data", "d.jsonl", "--ref", "r", "--json"])
     assert (a.model, a.ref, a.data, a.beta, a.batch_size, a.max_length, a.json) == (
         "m",
         "r",
         "d.jsonl",
-        0.1,
+        None,
         8,
         1024,
         True,
@@ -277,41 +218,62 @@ def test_missing_config_file_exit_2(capsys, tmp_path):
     )
 
 
-class FakeTrainingError(RuntimeError):
-    def __init__(self, message, last_checkpoint=None):
-        super().__init__(message)
-        self.last_checkpoint = last_checkpoint
+def stand_in_train(monkeypatch, body) -> None:
+    """``preftune.trainer.train`` replaced by ``body(cfg)`` under the real signature (checked, so that the
+    stand-in cannot drift from what the CLI calls); errors and results are the trainer's real ones."""
+    import inspect
+
+    from preftune import trainer
+
+    def train(cfg, *, model=None, tokenizer=None, callbacks=()):
+        return body(cfg)
+
+    def shape(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(train) == shape(trainer.train)
+    monkeypatch.setattr(trainer, "train", train)
 
 
 def test_train_calls_trainer_and_prints_where_results_are(capsys, tmp_path, monkeypatch):
+    from preftune.trainer import TrainResult
+
     seen = {}
 
-    def train(cfg):
+    def body(cfg):
         seen["cfg"] = cfg
         out = Path(cfg.train.output_dir)
-        return types.SimpleNamespace(output_dir=out, final_model_dir=out / "final", steps=3)
+        return TrainResult(out, out / "final", out / "checkpoints" / "checkpoint-3", steps=3)
 
-    fake_module(monkeypatch, "preftune.trainer", train=train, TrainingError=FakeTrainingError)
+    stand_in_train(monkeypatch, body)
     path = write_config(tmp_path, {"model": {"path": "m"}})
     code, out, err = run(capsys, "train", str(path), f"train.output_dir={tmp_path / 'run'}")
     assert code == 0, err
     assert seen["cfg"].train.output_dir == str(tmp_path / "run")
+    assert f"trained 3 steps; run folder: {tmp_path / 'run'}" in out
     assert f"final model: {tmp_path / 'run' / 'final'}" in out
     assert f"metrics:     {tmp_path / 'run' / 'metrics.jsonl'}" in out
+
+
+def test_train_without_a_final_model_says_so(capsys, tmp_path, monkeypatch):
+    from preftune.trainer import TrainResult
+
+    stand_in_train(monkeypatch, lambda cfg: TrainResult(tmp_path / "run", None, None, steps=2))
+    code, out, err = run(capsys, "train", str(write_config(tmp_path, {"model": {"path": "m"}})))
+    assert code == 0, err
+    assert "final model: (not saved: train.save_final=false)" in out
 
 
 @pytest.mark.parametrize(("rank", "prints"), [(None, True), ("0", True), ("1", False)])
 def test_train_summary_only_on_rank_0(capsys, tmp_path, monkeypatch, rank, prints):
     """Under torchrun every rank runs main(); the summary lines come from rank 0 (or no RANK) only."""
+    from preftune.trainer import TrainResult
+
     if rank is None:
         monkeypatch.delenv("RANK", raising=False)
     else:
         monkeypatch.setenv("RANK", rank)
-
-    def train(cfg):
-        return types.SimpleNamespace(output_dir=tmp_path / "run", steps=3)
-
-    fake_module(monkeypatch, "preftune.trainer", train=train, TrainingError=FakeTrainingError)
+    stand_in_train(monkeypatch, lambda cfg: TrainResult(tmp_path / "run", None, None, steps=3))
     path = write_config(tmp_path, {"model": {"path": "m"}})
     code, out, err = run(capsys, "train", str(path))
     assert code == 0, err
@@ -319,10 +281,12 @@ def test_train_summary_only_on_rank_0(capsys, tmp_path, monkeypatch, rank, print
 
 
 def test_training_failure_exit_1_with_last_checkpoint(capsys, tmp_path, monkeypatch):
-    def train(cfg):
-        raise FakeTrainingError("loss is NaN at step 7", tmp_path / "checkpoint-5")
+    from preftune.trainer import TrainingError
 
-    fake_module(monkeypatch, "preftune.trainer", train=train, TrainingError=FakeTrainingError)
+    def body(cfg):
+        raise TrainingError("loss is NaN at step 7", tmp_path / "checkpoint-5")
+
+    stand_in_train(monkeypatch, body)
     code, _, err = run(capsys, "train", str(write_config(tmp_path, {})))
     assert code == 1
     assert "preftune: training failed: loss is NaN at step 7" in err
@@ -331,10 +295,10 @@ def test_training_failure_exit_1_with_last_checkpoint(capsys, tmp_path, monkeypa
 
 
 def test_keyboard_interrupt_exit_130(capsys, tmp_path, monkeypatch):
-    def train(cfg):
+    def body(cfg):
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "preftune.trainer", train=train, TrainingError=FakeTrainingError)
+    stand_in_train(monkeypatch, body)
     code, _, err = run(capsys, "train", str(write_config(tmp_path, {})))
     assert code == 130
     assert "interrupted" in err
@@ -349,16 +313,16 @@ def test_debug_env_reraises(capsys, tmp_path, monkeypatch):
 
 
 def test_unexpected_exception_is_not_hidden(tmp_path, monkeypatch):
-    def train(cfg):
+    def body(cfg):
         raise ZeroDivisionError("a bug")
 
-    fake_module(monkeypatch, "preftune.trainer", train=train, TrainingError=FakeTrainingError)
+    stand_in_train(monkeypatch, body)
     with pytest.raises(ZeroDivisionError):
         main(["train", str(write_config(tmp_path, {}))])
 
 
 # ---------------------------------------------------------------------------------------------------
-# demo, eval (wiring, with fakes)
+# demo (wiring, with a fake; eval: tests/test_cli_evaluate.py)
 
 
 def test_demo_passes_arguments(capsys, tmp_path, monkeypatch):
@@ -376,52 +340,6 @@ def test_demo_passes_arguments(capsys, tmp_path, monkeypatch):
     assert str(tmp_path) in out
     run(capsys, "demo")
     assert calls[-1] == ("runs/demo", 0, False, None)
-
-
-def test_eval_table_and_json(capsys, tmp_path, model_dir, monkeypatch):
-    calls = []
-
-    def evaluate_model(
-        model,
-        data_file,
-        *,
-        ref,
-        beta,
-        batch_size,
-        max_length,
-        loss="sigmoid",
-        trust_remote_code=False,
-    ):
-        calls.append((model, data_file, ref, beta, batch_size, max_length))
-        return {"rewards/accuracies": 0.75, "rewards/margins": 1.5, "logps/chosen": -12.0}
-
-    fake_module(monkeypatch, "preftune.evaluation", evaluate_model=evaluate_model)
-    data = write_pairs(tmp_path / "d.jsonl")
-    code, out, err = run(capsys, "eval", "--model", str(model_dir), "--data", str(data))
-    assert code == 0, err
-    assert calls[-1] == (str(model_dir), str(data), None, 0.1, 8, 1024)
-    assert "rewards/accuracies" in out and "0.7500" in out
-    argv = ["eval", "--model", str(model_dir), "--ref", str(model_dir), "--data", str(data)]
-    code, out, _ = run(capsys, *argv, "--beta", "0.5", "--batch-size", "2", "--json")
-    assert calls[-1] == (str(model_dir), str(data), str(model_dir), 0.5, 2, 1024)
-    assert json.loads(out)["rewards/margins"] == 1.5
-
-
-def test_eval_input_errors(capsys, tmp_path, model_dir):
-    data = write_pairs(tmp_path / "d.jsonl")
-    assert_one_line_error(
-        *run(capsys, "eval", "--model", str(tmp_path / "no"), "--data", str(data))[::2],
-        "--model",
-        "not found",
-    )
-    assert_one_line_error(
-        *run(capsys, "eval", "--model", str(tmp_path), "--data", str(data))[::2],
-        "no config.json",
-    )
-    assert_one_line_error(
-        *run(capsys, "eval", "--model", str(model_dir), "--data", str(tmp_path / "x.jsonl"))[::2],
-        "data file not found",
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -532,7 +450,7 @@ def test_data_input_errors(capsys, tmp_path, tok_dir):
 
 
 # ---------------------------------------------------------------------------------------------------
-# generate
+# generate (the module itself: tests/test_generation.py)
 
 
 def test_generate_prints_a_completion(capsys, model_dir):
@@ -542,21 +460,6 @@ def test_generate_prints_a_completion(capsys, model_dir):
     assert out.startswith("=== prompt 1 ===\nwhat is 1+1?\n=== completion 1 ===\n")
     completion = out.split("=== completion 1 ===\n", 1)[1].rstrip("\n")
     assert 0 < len(completion) <= 4  # char tokenizer: at most one character per new token
-
-
-def test_generate_batched_left_padding_matches_one_by_one(model_dir):
-    from preftune.generation import generate, load_for_generation
-
-    model, tok = load_for_generation(model_dir)
-    prompts = ["a?", "a much longer prompt?", "mid size?"]
-    batched = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    single = [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
-    assert batched == single
-    sampled = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=1)
-    again = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=1)
-    assert sampled == again  # seeded
-    chat = generate(model, tok, ["hi"], max_new_tokens=3, chat=True)
-    assert len(chat) == 1
 
 
 def test_generate_from_prompt_files(capsys, tmp_path, model_dir):

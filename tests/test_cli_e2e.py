@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import assert_one_line_error, make_model, run, write_pairs
+from test_cli import assert_one_line_error, run, write_pairs
 
 import preftune
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(tmp_path_factory, model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("e2e")
-    model = make_model(root / "model")
+    model = model_dir  # tests/conftest.py's, shared
     data = write_pairs(root / "pairs.jsonl", n=16)
     config = {
         "model": {"path": str(model)},

@@ -319,15 +319,6 @@ def _kto_file(tmp_path):
     return write_jsonl(tmp_path / "kto.jsonl", records)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from _tiny import make_tiny_llama
-
-    out = tmp_path_factory.mktemp("kto-llama")
-    make_tiny_llama(out)
-    return out
-
-
 def _metrics(run):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, lines) if m["split"] == "train"]

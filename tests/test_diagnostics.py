@@ -185,9 +185,33 @@ def test_unbounded_margins():
     f = check_unbounded_margins(_separated())
     assert f is not None and f.rule == "unbounded_margins"
     assert any("ipo" in a for a in f.advice) and any("cdpo" in a for a in f.advice)
-    assert check_unbounded_margins(_separated(), loss_names=["ipo"]) is None
     assert check_unbounded_margins(_separated(plateau=True)) is None
     assert check_unbounded_margins(_healthy()) is None
+
+
+def test_which_rules_apply_is_read_from_the_loss_registry():
+    """The margin rule watches the losses whose registry entry says their optimum is an infinite margin;
+    the stuck-at-init rule those that state their initial loss. Flip a registry fact and the watcher
+    follows: no loss name is written in the diagnostics."""
+    import dataclasses
+
+    from preftune.losses import LOSSES
+
+    def fired(names):
+        diag = Diagnostics(loss_names=names)
+        return {f.rule for r in _separated() for f in diag.observe_train(r)}
+
+    assert "unbounded_margins" in fired(["sigmoid"])
+    assert "unbounded_margins" in fired(["sigmoid", "sft"])
+    assert "unbounded_margins" not in fired(["ipo"])
+    ipo = LOSSES["ipo"]
+    try:
+        LOSSES["ipo"] = dataclasses.replace(ipo, unbounded_margin=True, init_loss=0.25)
+        assert "unbounded_margins" in fired(["ipo"])
+        assert init_loss_for(["ipo"], [2.0]) == 0.5
+    finally:
+        LOSSES["ipo"] = ipo
+    assert init_loss_for(["ipo"]) is None and init_loss_for(["kto"]) is None
 
 
 def test_each_rule_once_unless_repeat_after():

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _tiny import make_tiny_llama, tiny_train_config, toy_pairs, write_jsonl
+from _tiny import tiny_train_config, toy_pairs, write_jsonl
 
 from preftune.config import Config, config_to_dict
 
@@ -62,13 +62,6 @@ elif mode == "fail":
 from preftune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(d, seed=0)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -1,60 +1,15 @@
-"""preftune.evaluation: ``preftune eval``'s entry point on what runs leave behind — a LoRA run's adapter
-folder included — and what it reports without a reference; StepMetrics' sums and counts."""
+"""preftune.evaluation: StepMetrics' sums, counts and their reduction over ranks; evaluate() reduces the loss
+of a whole split exactly as one training window would (``preftune eval``'s wiring: tests/test_cli_evaluate.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from _tiny import make_tiny_llama, tiny_train_config, toy_pairs, write_jsonl
+from _tiny import toy_pairs, write_jsonl
 
-from preftune.config import LoraConfig
-from preftune.evaluation import StepMetrics, evaluate_model
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A 3-step LoRA run: final/ is an adapter folder, its checkpoints hold the adapters only."""
-    from preftune.trainer import train
-
-    root = tmp_path_factory.mktemp("lora-eval")
-    make_tiny_llama(root / "base")
-    data = write_jsonl(root / "pairs.jsonl", toy_pairs(16, seed=7))
-    cfg = tiny_train_config(
-        root / "base", data, root / "run", train__max_steps=3, train__save_every=2,
-        model__lora=LoraConfig(enabled=True, r=4, alpha=8.0), optim__lr=5e-2,
-    )  # fmt: skip
-    return train(cfg), root, data
-
-
-def test_eval_takes_a_lora_adapter_folder(lora_run):
-    result, root, data = lora_run
-    final = result.final_model_dir
-    assert (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
-    row = evaluate_model(
-        str(final), str(data), ref=str(root / "base"), beta=0.1, batch_size=8, max_length=64
-    )
-    assert row["pairs"] == 16.0 and 0.0 <= row["rewards/accuracies"] <= 1.0
-    assert abs(row["rewards/margins"]) > 1e-4  # the merged adapters changed the policy
-
-
-def test_eval_without_a_reference_reports_what_it_measured(lora_run):
-    _, root, data = lora_run
-    row = evaluate_model(
-        str(root / "base"), str(data), ref=None, beta=0.1, batch_size=8, max_length=64
-    )
-    assert "avg_logp_accuracy" in row and not any(k.startswith("rewards/") for k in row)
-    assert "loss" not in row and row["logps/chosen"] < 0
-
-
-def test_lora_checkpoints_hold_the_adapters_only(lora_run):
-    """The frozen base is model.path's: a checkpoint stores the trainable LoRA weights (and resumes from
-    them: tests/test_trainer.py covers resume)."""
-    from safetensors import safe_open
-
-    result, _, _ = lora_run
-    with safe_open(str(result.last_checkpoint / "model.safetensors"), framework="pt") as f:
-        names = list(f.keys())
-    assert names and all("lora_" in n for n in names)
+from preftune.evaluation import StepMetrics, evaluate
 
 
 def test_step_metrics_average_each_name_over_its_own_count():
@@ -67,3 +22,64 @@ def test_step_metrics_average_each_name_over_its_own_count():
     m.add_grad_norm(torch.tensor(2.0))
     row = m.pop()
     assert row == {"loss": 0.75, "a": 1.0, "grad_norm": 2.0}  # b has count 0: left out
+
+
+def test_all_reduce_sums_sums_counts_terms_and_loss_but_not_the_grad_norm():
+    """Two ranks' windows read as one: sums and counts add (so a mean is over both ranks' pairs), the loss
+    and its terms add (each rank holds its share of the global loss); the grad norm is already global."""
+    ranks = []
+    for value, count, loss in ((3.0, 2.0, 0.5), (1.0, 6.0, 0.25)):
+        m = StepMetrics(torch.device("cpu"))
+        m.add(
+            torch.tensor(loss),
+            {"a": (torch.tensor(value), torch.tensor(count))},
+            {"loss/x": torch.tensor(loss / 2)},
+        )
+        m.add_grad_norm(torch.tensor(4.0))
+        ranks.append(m)
+    names0, packed0 = ranks[0].packed()
+    names1, packed1 = ranks[1].packed()
+    assert names0 == names1
+    total = packed0 + packed1
+    for m in ranks:
+        m.all_reduce(lambda t: t.copy_(total))
+    rows = [m.pop() for m in ranks]
+    assert rows[0] == rows[1] == {"loss": 0.75, "loss/x": 0.375, "a": 0.5, "grad_norm": 4.0}
+
+
+def test_evaluate_equals_the_mean_over_pairs_and_restores_the_mode(tiny_dir, tmp_path):
+    """The split is one window: the loss is the pair mean whatever the batch size; the policy at the
+    reference scores log 2 with margins 0; the module's train/eval mode is left as it was."""
+    from preftune.build import build_objective, build_tokenizer
+    from preftune.config import Config
+    from preftune.data import load_preference_data
+    from preftune.model import PaddedLayout, load_model, resolve_source
+    from preftune.reference import CopyReference
+
+    cfg = Config()
+    cfg.model.path = str(tiny_dir)
+    cfg.data.train_files = [str(write_jsonl(tmp_path / "d.jsonl", toy_pairs(7, seed=5)))]
+    data = load_preference_data(cfg.data, build_tokenizer(cfg))
+    model = load_model(resolve_source(tiny_dir), device=torch.device("cpu"))
+    layout = PaddedLayout(pad_token_id=0, chunk_size=16)
+    module = layout.module(model)
+    module.train()
+    reference = CopyReference(model, layout)
+    rows = [
+        evaluate(
+            module,
+            reference,
+            data.train,
+            layout,
+            build_objective(cfg),
+            batch_size=b,
+            device=torch.device("cpu"),
+            autocast=contextlib.nullcontext,
+        )
+        for b in (1, 3, 7)
+    ]
+    assert module.training
+    for row in rows:
+        assert row["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+        assert row["rewards/margins"] == 0.0 and "grad_norm" not in row
+        assert row["logps/chosen"] == pytest.approx(rows[0]["logps/chosen"], rel=1e-6)

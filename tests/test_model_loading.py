@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_tiny_llama, toy_pairs, write_jsonl
+from _tiny import toy_pairs, write_jsonl
 
 import preftune
 from preftune.model import ModelError, disable_dropout, load_model, resolve_source
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(out)
-    return out
 
 
 def test_resolve_source_kinds(tiny_dir, tmp_path):

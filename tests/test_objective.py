@@ -160,15 +160,6 @@ def _kto_grads(tiny_dir, rows, windows, shared: bool):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from _tiny import make_tiny_llama
-
-    out = tmp_path_factory.mktemp("kto-llama")
-    make_tiny_llama(out)
-    return out
-
-
 @pytest.mark.parametrize("shared", [False, True])
 def test_kto_accumulation_equals_one_big_batch(tiny_dir, shared):
     """z₀ is the mean over every KL row of the step, computed before the first backward: 3 + 1 + 2 rows

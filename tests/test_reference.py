@@ -102,10 +102,9 @@ def test_training_recomputes_a_corrupt_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def sync_setup(tmp_path_factory):
+def sync_setup(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("sync")
-    make_tiny_llama(root / "model")
-    return root / "model", write_jsonl(root / "pairs.jsonl", toy_pairs(32, seed=3))
+    return tiny_dir, write_jsonl(root / "pairs.jsonl", toy_pairs(32, seed=3))
 
 
 def _sync_cfg(model, data, out, **over):

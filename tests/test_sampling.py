@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_tiny_llama, write_jsonl
+from _tiny import write_jsonl
 
 from preftune.cli import main
 from preftune.data import DataError
@@ -29,11 +29,9 @@ PROMPTS = ["hello", "what is 2+2?", "a", "the quick brown fox", "zz", "ok then",
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    make_tiny_llama(folder)
-    model, tokenizer = load_for_generation(folder)
-    return folder, model, tokenizer
+def tiny(tiny_dir):
+    model, tokenizer = load_for_generation(tiny_dir)
+    return tiny_dir, model, tokenizer
 
 
 @pytest.fixture(autouse=True)

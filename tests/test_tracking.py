@@ -115,9 +115,15 @@ def test_non_main_rank_writes_nothing(tmp_path):
     assert logger.truncate_after(0) == 0
     logger.close()
     assert not run.exists()
+
+
+def test_non_main_rank_shows_no_bar_and_prints_nothing(capsys):
     bar = ProgressBar(total=5, enabled=True, is_main=False)
-    assert bar.bar.disable
+    bar.update(1, loss=0.5)
+    bar.set_postfix(_metrics(1))
+    bar.write("a log line")
     bar.close()
+    assert capsys.readouterr() == ("", "")
 
 
 def test_tensorboard_event_files(tmp_path):
@@ -184,13 +190,16 @@ def test_format_line():
 
 
 def test_progress_bar(capsys):
+    """What the user sees: the step count and the picked, formatted metrics on the bar (stderr), log lines
+    on stdout."""
     bar = ProgressBar(total=10, initial=2, enabled=True)
     bar.update(1)
     bar.update(1, loss=0.69312, acc=0.5, margin=0.0123, tok_s=1500.4)
-    assert bar.bar.n == 4
-    assert bar.bar.postfix == "loss=0.6931, acc=0.50, margin=0.0123, tok/s=1500"
+    shown = capsys.readouterr().err.split("\r")[-1]
+    assert "4/10" in shown and "loss=0.6931, acc=0.50, margin=0.0123, tok/s=1500" in shown
     bar.set_postfix(_metrics(10))
-    assert bar.bar.postfix.startswith("loss=0.2550, acc=0.70, margin=0.4, tok/s=1234")
+    shown = capsys.readouterr().err.split("\r")[-1]
+    assert "loss=0.2550, acc=0.70, margin=0.4, tok/s=1234" in shown
     bar.write("a log line")
     bar.close()
     assert "a log line" in capsys.readouterr().out

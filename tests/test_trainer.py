@@ -14,18 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import make_tiny_llama, tiny_train_config, toy_pairs, write_jsonl
+from _tiny import tiny_train_config, toy_pairs, write_jsonl
 
 from preftune.config import Config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(d, seed=0)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -94,27 +87,6 @@ def test_every_reference_strategy_starts_at_log2(
     first = read_metrics(tmp_path / "run")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-
-
-def test_precomputed_cache_reused_and_invalidated(tiny_dir, tmp_path, monkeypatch):
-    import preftune.build as build
-    from preftune.trainer import train
-
-    calls = []
-    real = build.precompute_logps
-    monkeypatch.setattr(build, "precompute_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
-    data = write_jsonl(tmp_path / "d.jsonl", toy_pairs(16, seed=1))
-    over = {"reference__strategy": "precomputed", "train__max_steps": 1}
-    train(make_cfg(tiny_dir, data, tmp_path / "r1", **over))
-    assert len(calls) == 1
-    train(make_cfg(tiny_dir, data, tmp_path / "r2", **over))
-    assert len(calls) == 1, (
-        "second run on the same inputs must reuse the cached reference log-probs"
-    )
-    write_jsonl(data, toy_pairs(16, seed=2))
-    train(make_cfg(tiny_dir, data, tmp_path / "r3", **over))
-    assert len(calls) == 2, "changed data must invalidate the reference cache"
 
 
 def _grads_after_window(model_dir, pairs, windows, loss, weights=None):

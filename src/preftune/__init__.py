@@ -4,8 +4,9 @@ The public Python API (imported lazily, so that ``preftune --help`` stays fast):
 
     from preftune import Config, load_config, train, LOSSES, compute_loss
 
-``train(config, overrides, model=..., tokenizer=..., train_data=..., eval_data=...)`` takes a config
-(object, dict or YAML path) and, where a user has them, objects in memory (:mod:`preftune.api`).
+``train(config, overrides, model=..., tokenizer=..., train_data=..., eval_data=..., callbacks=...)`` takes
+a config (object, dict or YAML path) and, where a user has them, objects in memory (:mod:`preftune.api`);
+callbacks watch every optimizer step (:mod:`preftune.callbacks`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from preftune.callbacks import Callback
 from preftune.config import Config, config_from_dict, load_config, validate
 from preftune.trainer import TrainResult
 
@@ -77,6 +78,7 @@ def train(
     tokenizer: Any = None,
     train_data: Any = None,
     eval_data: Any = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train a policy and return the :class:`~preftune.trainer.TrainResult` (run folder, final model folder,
     last checkpoint, steps, final eval metrics).
@@ -88,6 +90,8 @@ def train(
         tokenizer: its tokenizer (needed with ``model`` unless ``model.path`` / ``tokenizer_path`` name one).
         train_data, eval_data: a ``datasets.Dataset`` or a list of dicts (pairs, conversations, unpaired
             rows...) instead of ``data.train_files`` / ``data.eval_files``.
+        callbacks: :class:`preftune.callbacks.Callback` objects whose ``on_step_end(step, metrics, batch)``
+            runs after every optimizer step (timing, watching metrics, which pairs formed a step).
     """
     cfg = _as_config(config, overrides)
     if model is not None and tokenizer is None and not (cfg.model.tokenizer_path or cfg.model.path):
@@ -100,4 +104,4 @@ def train(
     validate(cfg)
     from preftune import trainer
 
-    return trainer.train(cfg, model=model, tokenizer=tokenizer)
+    return trainer.train(cfg, model=model, tokenizer=tokenizer, callbacks=callbacks)

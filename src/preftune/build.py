@@ -18,6 +18,7 @@ from torch import nn
 from preftune.config import Config, resolved_reference_strategy
 from preftune.data import pair_lengths
 from preftune.distributed import DistContext
+from preftune.distributed.wrap import shard_frozen
 from preftune.losses import UNPAIRED_LOSSES, compute_loss
 from preftune.model import (
     Layout,
@@ -234,7 +235,7 @@ def build_reference(
     source = ref_model if ref_model is not None else policy.model
     if strategy == "copy":
         reference = CopyReference(source, layout)
-        dist.shard_frozen(reference.module)
+        shard_frozen(dist, reference.module)
         return reference
     # precomputed: the key covers weights, tokenized data, and every setting that changes the numbers.
     import hashlib
@@ -250,7 +251,7 @@ def build_reference(
     if dist.all(cached is not None):
         log.info("reference log-probs: cache hit %s", PrecomputedReference.cache_path(root, key))
         return cached
-    module = dist.shard_frozen(CopyReference(source, layout).module)
+    module = shard_frozen(dist, CopyReference(source, layout).module)
     tables = {}
     for split, dataset in (("train", data.train), ("eval", data.eval)):
         if dataset is None or len(dataset) == 0:

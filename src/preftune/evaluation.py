@@ -1,20 +1,22 @@
 """Metrics of docs/FORMULAS.md "Metrics", accumulated on device and synced only when read.
 
-:class:`StepMetrics` sums per-pair quantities as tensors during training (no host sync per micro-step);
-:func:`evaluate` runs the loss over an eval split without gradients; :func:`evaluate_model` is the
-``preftune eval`` entry point for two model folders and a data file.
+:class:`StepMetrics` sums per-pair quantities as tensors during training (no host sync per micro-step) and
+sums them over ranks when asked (:meth:`StepMetrics.all_reduce`); :func:`evaluate` runs the loss over an eval
+split without gradients. The ``preftune eval`` command's wiring (models and data from paths) is
+:mod:`preftune.cli.evaluate`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from preftune.model import Layout
 
-__all__ = ["StepMetrics", "evaluate", "evaluate_model"]
+__all__ = ["StepMetrics", "evaluate"]
 
 
 class StepMetrics:
@@ -66,6 +68,13 @@ class StepMetrics:
         parts = [self.sums[n].view(1) for n in names] + [self.counts[n].view(1) for n in names]
         parts += [self.terms[n].view(1) for n in terms]
         return [*names, *terms], torch.cat([*parts, self.loss.view(1)])
+
+    def all_reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        """Sum the window sums, counts, terms and loss over ranks (``DistContext.all_reduce_sum``), so that
+        the means :meth:`pop` returns are global (the grad norm already is). Every rank has the same metric
+        names (the same objective), so the packed tensors line up."""
+        names, packed = self.packed()
+        self.unpack(names, reduce_sum(packed))
 
     def unpack(self, names: list[str], packed: Tensor) -> None:
         terms = [n for n in names if n in self.terms]
@@ -148,76 +157,4 @@ def evaluate(
     metrics.steps = 1
     row = metrics.pop()
     row.pop("grad_norm", None)
-    return row
-
-
-def evaluate_model(
-    model: str,
-    data_file: str,
-    *,
-    ref: str | None,
-    beta: float,
-    batch_size: int,
-    max_length: int,
-    loss: str = "sigmoid",
-    trust_remote_code: bool = False,
-) -> dict[str, float]:
-    """``preftune eval``: implicit-reward accuracy and margins of ``model`` against ``ref``.
-
-    ``model`` and ``ref`` are model folders, .gguf files, Hub ids or LoRA adapter folders. Without a
-    reference there is no implicit reward: the row holds the model's log-probs (summed and per-token
-    averaged) and ``avg_logp_accuracy``, the share of pairs whose chosen response has the higher mean
-    per-token log-prob.
-    """
-    from preftune.build import build_objective, build_tokenizer
-    from preftune.config import Config
-    from preftune.data import load_preference_data
-    from preftune.model import choose_layout, load_model, resolve_device, resolve_source
-    from preftune.reference import CopyReference
-
-    cfg = Config()
-    cfg.model.path = model
-    cfg.model.trust_remote_code = trust_remote_code
-    cfg.data.train_files = [data_file]
-    cfg.data.max_length = max_length
-    cfg.data.max_prompt_length = max_length // 2
-    cfg.loss.name = [loss if ref else "simpo"]
-    cfg.loss.beta = beta
-    if not ref:
-        cfg.loss.params = {"gamma_beta_ratio": 0.0}
-    device = resolve_device("auto")
-    tokenizer = build_tokenizer(cfg)
-    data = load_preference_data(cfg.data, tokenizer)
-    policy_model = load_model(
-        resolve_source(model, setting="--model"), device=device, trust_remote_code=trust_remote_code
-    )
-    ref_model = None
-    if ref:
-        ref_model = load_model(
-            resolve_source(ref, setting="--ref"), device=device, trust_remote_code=trust_remote_code
-        )
-    others = [ref_model] if ref_model is not None else []
-    layout = choose_layout(
-        policy_model,
-        *others,
-        pad_token_id=tokenizer.pad_token_id,
-        chunk_size=cfg.train.chunk_size,
-        check_determinism=False,  # eval mode: dropout is inactive whatever its settings
-    )
-    reference = CopyReference(ref_model, layout, copy=False) if ref_model is not None else None
-    row = evaluate(
-        layout.module(policy_model),
-        reference,
-        data.train,
-        layout,
-        build_objective(cfg),
-        batch_size=batch_size,
-        device=device,
-        split="train",
-    )
-    row["pairs"] = float(len(data.train))
-    if not ref:  # SimPO with γ = 0 compared β·mean log-probs: say what that measured
-        row["avg_logp_accuracy"] = row.pop("rewards/accuracies")
-        for key in [k for k in row if k.startswith("rewards/") or k == "loss"]:
-            row.pop(key)
     return row

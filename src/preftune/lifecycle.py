@@ -35,6 +35,7 @@ from preftune.checkpoint_files import step_of
 from preftune.config import Config, ConfigError, resolved_reference_strategy
 from preftune.data.cache import tokenizer_fingerprint
 from preftune.distributed import DistContext
+from preftune.distributed import checkpoint as dist_checkpoint
 from preftune.model import resolve_source
 from preftune.runfolder import Change, RunFolder, RunFolderError, check_resume, model_facts
 
@@ -172,8 +173,13 @@ def load_state(
 ) -> TrainState:
     """Restore a checkpoint's states into the run's objects; refuse one of another world size or reference."""
     try:
-        state = dist.load_checkpoint(
-            ckpt, model=model, optimizer=optimizer, scheduler=scheduler, extra_models=extra_models
+        state = dist_checkpoint.load(
+            dist,
+            ckpt,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra_models=extra_models,
         )
     except CheckpointError:
         raise  # a corrupt file: load_latest_valid falls back to the checkpoint before

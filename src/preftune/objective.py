@@ -1,5 +1,6 @@
 """The objective of one micro-batch: the loss options, the configured loss, and its reduction over the
-accumulation window. The one place where the trainer and the evaluator turn log-probs into a loss.
+accumulation window. The one place where the trainer and the evaluator turn log-probs into a loss;
+:func:`window_backward` runs it forward and backward over one optimizer step's micro-batches.
 
 For a micro-batch of an accumulation window with ``N_pairs`` pairs and ``N_tokens`` chosen tokens in total
 (over all micro-batches and ranks, docs/FORMULAS.md "Exact accumulation"):
@@ -25,14 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from preftune.distributed import DistContext
+from preftune.distributed.wrap import grad_sync
 from preftune.losses import LossOutput, kl_stats, kto, ld_logps, wpo_weights
-from preftune.model import PairBatch, SequenceLogps
+from preftune.model import Layout, PairBatch, SequenceLogps
 
-__all__ = ["KTOObjective", "Objective"]
+if TYPE_CHECKING:
+    from preftune.evaluation import StepMetrics
+
+__all__ = ["KTOObjective", "Objective", "window_backward"]
 
 #: ``forward(batch) -> (policy SequenceLogps, ReferenceLogps | None)`` for a micro-batch (on its device).
 Forward = Callable[[PairBatch], tuple[SequenceLogps, object]]
@@ -166,9 +173,9 @@ class KTOObjective:
     exactly the z₀ (and gradients) of one big batch. The rows' loss is ``Σ w·ℓ / N_rows`` over the window.
     """
 
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    beta: float  # the hyperparameters: the registry's defaults under the config's (preftune.build)
+    desirable_weight: float
+    undesirable_weight: float
     extras: tuple[str, ...] = ()
 
     def prepare(self, micro: Sequence[PairBatch], forward: Forward, reduce: Reduce) -> Tensor:
@@ -229,3 +236,57 @@ class KTOObjective:
         if pol.aux_loss is not None:
             metrics["aux_loss"] = (pol.aux_loss.detach() * b, b)
         return _zeroed(metrics) if batch.placeholder else metrics
+
+
+def window_backward(
+    model,
+    reference,
+    micro: list[PairBatch],
+    objective: Objective | KTOObjective,
+    *,
+    layout: Layout,
+    device,
+    autocast,
+    dist: DistContext,
+    metrics: StepMetrics | None = None,
+) -> int:
+    """Forward and backward over one window of micro-batches; gradients equal one big batch's (the MoE
+    router term excepted: a load-balancing loss is a product of batch means, so it is taken per micro-batch).
+
+    Each micro-batch loss is ``Σ w·pair_losses / N_pairs + Σ w·token_losses / N_tokens`` with the window's
+    totals over all ranks (docs/FORMULAS.md "Exact accumulation"), known before the first backward, plus the
+    model's router term (MoE, when asked) weighted by the micro-batch's share of the pairs. Returns the
+    window's pair count. A placeholder micro-batch (weight 0, an empty share on this rank) takes part in the
+    forward/backward (DDP/FSDP hooks are collectives) but adds nothing to the totals, the gradient or the
+    metrics.
+    """
+    totals = dist.all_reduce_sum(
+        torch.tensor(
+            [sum(b.num_pairs for b in micro), sum(b.chosen_tokens for b in micro)],
+            dtype=torch.float64,
+        )
+    )
+    n_pairs, n_tokens = float(totals[0]), max(float(totals[1]), 1.0)
+
+    def forward(batch):
+        batch = batch.to(device, non_blocking=True)
+        with autocast():
+            return layout.logps(model, batch), reference.logps(batch) if reference else None
+
+    # What the objective needs from the whole window before any backward (KTO's z₀; pairs: nothing).
+    window = objective.prepare(micro, forward, dist.all_reduce_sum)
+    for i, batch in enumerate(micro):
+        batch = batch.to(device, non_blocking=True)
+        with grad_sync(dist, model, sync=i == len(micro) - 1), autocast():
+            pol = layout.logps(model, batch)
+            ref = reference.logps(batch) if reference else None
+            loss, out = objective(pol, ref, batch, n_pairs, n_tokens, window)
+            # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
+            (loss * dist.world_size).backward()
+        if metrics is not None:  # a placeholder adds zeros (the same names on every rank)
+            metrics.add(
+                loss.detach(),
+                objective.metrics(out, pol, batch),
+                objective.terms(out, batch, n_pairs, n_tokens),
+            )
+    return int(n_pairs)

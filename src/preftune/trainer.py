@@ -5,10 +5,12 @@ Gradient accumulation is exact (docs/FORMULAS.md "Exact accumulation"): every mi
 of its whole window (and of all ranks), so k micro-steps give the gradient of one big batch. The loss is
 whatever ``cfg.loss`` names; the loop never looks at the name.
 
-Under ``torchrun`` the same loop runs on every rank; :mod:`preftune.distributed` (``dist``) holds the
-machinery (process group, DDP/FSDP2 wrapping, global reductions, distributed checkpoints), so here it shows
-only as one-line calls. Every rank runs the same number of micro-steps: an empty share of a batch becomes a
-zero-weight placeholder.
+Under ``torchrun`` the same loop runs on every rank; :mod:`preftune.distributed` holds the machinery
+(``dist``: the process group and its collectives; ``wrap``: DDP/FSDP2; ``dist_checkpoint``: distributed
+checkpoints), so here it shows only as one-line calls. Every rank runs the same number of micro-steps: an
+empty share of a batch becomes a zero-weight placeholder. One window's forward and backward is
+:func:`preftune.objective.window_backward`; what happens around the loop (start, resume, stop, the final
+folder) is :mod:`preftune.lifecycle`'s. ``callbacks`` (:mod:`preftune.callbacks`) watch every step.
 """
 
 from __future__ import annotations
@@ -16,25 +18,37 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from preftune import build, lifecycle
+from preftune.callbacks import Callback, StepInfo
 from preftune.checkpoint import DiskFullError, TrainState, is_disk_full
 from preftune.config import Config, ConfigError, config_to_dict
 from preftune.data import batch_indices, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
-from preftune.distributed import DistContext, init_distributed
+from preftune.distributed import DistContext, init_distributed, wrap
+from preftune.distributed import checkpoint as dist_checkpoint
 from preftune.evaluation import StepMetrics, evaluate
 from preftune.lifecycle import TrainingError, TrainingInterrupted
 from preftune.losses import UNPAIRED_LOSSES
-from preftune.model import Layout, PairBatch, prepare_tokenizer, resolve_device
+from preftune.model import prepare_tokenizer, resolve_device
+from preftune.objective import window_backward
 from preftune.runfolder import RunFolder, check_resume, run_fingerprint, write_fingerprint
 from preftune.tracking import MetricsLogger, ProgressBar, read_metrics, write_json
 
-__all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "train", "window_backward"]
+__all__ = [
+    "Callback",
+    "StepInfo",
+    "TrainResult",
+    "TrainingError",
+    "TrainingInterrupted",
+    "train",
+    "window_backward",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +62,25 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
 
 
-def train(cfg: Config, *, model=None, tokenizer=None) -> TrainResult:
+def train(
+    cfg: Config, *, model=None, tokenizer=None, callbacks: Sequence[Callback] = ()
+) -> TrainResult:
     """Train as ``cfg`` says; ``model`` / ``tokenizer``: objects in memory instead of ``model.path``'s
-    (the Python API, :func:`preftune.api.train`)."""
+    (the Python API, :func:`preftune.api.train`); ``callbacks``: called after every optimizer step
+    (:class:`preftune.callbacks.Callback`)."""
     device = lifecycle.check_device(resolve_device(cfg.train.device))
     dist = init_distributed(device, cfg.train.parallel, cpu_offload=cfg.train.fsdp_cpu_offload)
     with dist.running():  # a failure names its rank; the process group is torn down at the end
         if not dist.is_main:
-            return _train(cfg, dist, None, model, tokenizer)
+            return _train(cfg, dist, None, model, tokenizer, callbacks)
         # Rank 0 owns the folder: locked against a second run, and removed again (or emptied) when the
         # run fails before its first step.
         with RunFolder(cfg.train.output_dir) as folder:
-            return _train(cfg, dist, folder, model, tokenizer)
+            return _train(cfg, dist, folder, model, tokenizer, callbacks)
 
 
 def _train(
-    cfg: Config, dist: DistContext, folder: RunFolder | None, model, tokenizer
+    cfg: Config, dist: DistContext, folder: RunFolder | None, model, tokenizer, callbacks
 ) -> TrainResult:
     t_start = time.perf_counter()
     device = dist.device
@@ -87,6 +104,13 @@ def _train(
     fp = run_fingerprint(cfg, lifecycle.run_facts(cfg, tokenizer, data, dist, model))
     source, changes = lifecycle.open_run(cfg, run_dir, fp, folder)
     resuming = bool(dist.broadcast_int(int(source is not None)))
+    # The memory plan, before any model loads (never raises; None when it cannot be made).
+    if dist.is_main:
+        from preftune.plan import plan_for_run
+
+        text = plan_for_run(cfg, data, dist, model=model)
+        if text:
+            log.info("%s", text)
 
     # Policy, then the layout (proven on the models by the setup probe), then the reference from θ₀, and
     # only then a checkpoint's weights.
@@ -117,7 +141,9 @@ def _train(
     fp["facts"].update(layout=layout.name, reference=reference_key)
     if dist.is_main and source is not None:
         changes += check_resume(source, fp, force=lifecycle.forced(cfg), late=True)
-    model = dist.wrap_policy(policy)  # the module the forward goes through: DDP, FSDP2 or `policy`
+    model = wrap.wrap_policy(
+        dist, policy
+    )  # the module the forward goes through: DDP, FSDP2 or `policy`
     objective = build.build_objective(cfg)
     lengths = pair_lengths(data.train)
     # A stand-in for an empty share of a batch on this rank: the shortest pair with weight 0.
@@ -169,15 +195,25 @@ def _train(
         for finding in diagnostics.observe_setup(total_steps):
             bar.write(format_warning(finding))
 
+    def diagnose(split: str, row: dict[str, float]) -> None:
+        if diagnostics is not None:
+            for finding in diagnostics.observe(split, row, step=state.step):
+                bar.write(format_warning(finding))
+
     last_eval: dict[int, dict[str, float]] = {}  # step -> metrics: the final eval is not run twice
 
     def run_eval() -> dict[str, float]:
         if state.step not in last_eval:
-            last_eval.clear()
-            last_eval[state.step] = _run_eval(
-                model, reference, data.eval, layout, objective, cfg, device, autocast, state,
-                metrics_log, diagnostics, bar,
+            batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+            row = evaluate(
+                model, reference, data.eval, layout, objective,
+                batch_size=batch_size, device=device, autocast=autocast,
             )  # fmt: skip
+            metrics_log.log(state.step, row, split="eval")
+            bar.write("eval " + metrics_log.format_line(state.step, row))
+            diagnose("eval", row)
+            last_eval.clear()
+            last_eval[state.step] = row
         return last_eval[state.step]
 
     if cfg.train.eval_every and data.eval is not None and state.step == 0:
@@ -199,15 +235,19 @@ def _train(
                 world_size=dist.world_size,
             )
             while state.batch_in_epoch < len(batches) and state.step < total_steps:
+                t_window = time.perf_counter()
                 window = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.train.grad_accum]
                 examples = [[data.train[i] for i in idx] for idx in window]
                 micro = [layout.collate(ex) if ex else placeholder for ex in examples]
                 # Throughput counts each prompt once, whatever the layout (issue 7's definition).
-                window_tokens = sum(
-                    len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                counts = tuple(
+                    tuple(
+                        (len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"]))
+                        for e in ex
+                    )
                     for ex in examples
-                    for e in ex
                 )
+                window_tokens = sum(sum(c) for micro_counts in counts for c in micro_counts)
                 tokens_since_log += window_tokens
                 tokens_total += window_tokens
                 n_pairs = window_backward(
@@ -222,7 +262,7 @@ def _train(
                     metrics=window_metrics,
                 )
                 # The global norm (over every rank's shards), clipped to optim.max_grad_norm.
-                grad_norm = dist.clip_grad_norm(policy_model, cfg.optim.max_grad_norm)
+                grad_norm = wrap.clip_grad_norm(policy_model, cfg.optim.max_grad_norm)
                 # One host sync per optimizer step (never per micro-step) guards the weights.
                 if not bool(torch.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
@@ -238,6 +278,9 @@ def _train(
                     optimizer.zero_grad(set_to_none=True)
                 window_metrics.add_grad_norm(grad_norm)
                 scheduler.step()
+                step_info = StepInfo(
+                    tuple(tuple(idx) for idx in window), counts, time.perf_counter() - t_window
+                )
                 state.step += 1
                 if sync.mode != "none" and state.step % sync.every == 0:
                     reference.sync_from(policy_model, 1.0 if sync.mode == "hard" else sync.alpha)
@@ -247,8 +290,9 @@ def _train(
                 if folder is not None:
                     folder.keep()  # the folder now holds results: a failure leaves it in place
 
+                row = None
                 if state.step % cfg.log.log_every == 0 or state.step == total_steps:
-                    dist.reduce_metrics(window_metrics)  # summed over ranks: numbers are global
+                    window_metrics.all_reduce(dist.all_reduce_sum)  # numbers are global
                     tokens = dist.sum(tokens_since_log)
                     elapsed = time.perf_counter() - t_log
                     row = window_metrics.pop()
@@ -257,7 +301,9 @@ def _train(
                     t_log, tokens_since_log = time.perf_counter(), 0
                     metrics_log.log(state.step, row)
                     bar.set_postfix(row)
-                    _diagnose(diagnostics, row, "train", bar, state.step)
+                    diagnose("train", row)
+                for callback in callbacks:
+                    callback.on_step_end(state.step, row, step_info)
                 if (
                     cfg.train.eval_every
                     and state.step % cfg.train.eval_every == 0
@@ -290,7 +336,9 @@ def _train(
         bar.close()
         final_dir = None
         if cfg.train.save_final:
-            full_state = dist.full_state_dict(policy_model)  # FSDP: gathered to rank 0; else None
+            full_state = dist_checkpoint.full_state_dict(
+                dist, policy_model
+            )  # FSDP: gathered to rank 0; else None
             if dist.is_main:
                 card = {
                     "steps": state.step,
@@ -336,64 +384,12 @@ def _train(
 # Helpers the loop calls
 
 
-def window_backward(
-    model,
-    reference,
-    micro: list[PairBatch],
-    objective,
-    *,
-    layout: Layout,
-    device,
-    autocast,
-    dist: DistContext,
-    metrics: StepMetrics | None = None,
-) -> int:
-    """Forward and backward over one window of micro-batches; gradients equal one big batch's (the MoE
-    router term excepted: a load-balancing loss is a product of batch means, so it is taken per micro-batch).
-
-    Each micro-batch loss is ``Σ w·pair_losses / N_pairs + Σ w·token_losses / N_tokens`` with the window's
-    totals over all ranks (docs/FORMULAS.md "Exact accumulation"), known before the first backward, plus the model's router term
-    (MoE, when asked) weighted by the micro-batch's share of the pairs. Returns the window's pair count.
-    A placeholder micro-batch (weight 0, an empty share on this rank) takes part in the forward/backward
-    (DDP/FSDP hooks are collectives) but adds nothing to the totals, the gradient or the metrics.
-    """
-    totals = dist.all_reduce_sum(
-        torch.tensor(
-            [sum(b.num_pairs for b in micro), sum(b.chosen_tokens for b in micro)],
-            dtype=torch.float64,
-        )
-    )
-    n_pairs, n_tokens = float(totals[0]), max(float(totals[1]), 1.0)
-
-    def forward(batch):
-        batch = batch.to(device, non_blocking=True)
-        with autocast():
-            return layout.logps(model, batch), reference.logps(batch) if reference else None
-
-    # What the objective needs from the whole window before any backward (KTO's z₀; pairs: nothing).
-    window = objective.prepare(micro, forward, dist.all_reduce_sum)
-    for i, batch in enumerate(micro):
-        batch = batch.to(device, non_blocking=True)
-        with dist.grad_sync(model, sync=i == len(micro) - 1), autocast():
-            pol = layout.logps(model, batch)
-            ref = reference.logps(batch) if reference else None
-            loss, out = objective(pol, ref, batch, n_pairs, n_tokens, window)
-            # x world_size: DDP/FSDP average gradients over ranks while our totals already span them.
-            (loss * dist.world_size).backward()
-        if metrics is not None:  # a placeholder adds zeros (the same names on every rank)
-            metrics.add(
-                loss.detach(),
-                objective.metrics(out, pol, batch),
-                objective.terms(out, batch, n_pairs, n_tokens),
-            )
-    return int(n_pairs)
-
-
 def _save(
     run_dir, state, model, optimizer, scheduler, cfg, dist: DistContext, extra_models=None
 ) -> Path:
     """Collective: every rank calls it (rank 0 writes; FSDP ranks write their shards)."""
-    return dist.save_checkpoint(
+    return dist_checkpoint.save(
+        dist,
         run_dir,
         state,
         model=model,
@@ -402,42 +398,3 @@ def _save(
         keep_last=cfg.train.keep_last,
         extra_models=extra_models,
     )
-
-
-def _run_eval(
-    model,
-    reference,
-    dataset,
-    layout,
-    objective,
-    cfg,
-    device,
-    autocast,
-    state,
-    metrics_log,
-    diagnostics,
-    bar,
-) -> dict[str, float]:
-    row = evaluate(
-        model,
-        reference,
-        dataset,
-        layout,
-        objective,
-        batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-        device=device,
-        autocast=autocast,
-    )
-    metrics_log.log(state.step, row, split="eval")
-    bar.write("eval " + metrics_log.format_line(state.step, row))
-    _diagnose(diagnostics, row, "eval", bar, state.step)
-    return row
-
-
-def _diagnose(diagnostics, row, split, bar, step: int) -> None:
-    if diagnostics is None:
-        return
-    observe = diagnostics.observe_train if split == "train" else diagnostics.observe_eval
-    findings = observe(row, step=step)
-    for finding in findings:
-        bar.write(format_warning(finding))

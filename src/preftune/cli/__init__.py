@@ -1,8 +1,9 @@
 """Command line: ``preftune train | demo | data | eval | generate | plot``.
 
 This module assembles the parser and owns errors and exit codes; the subcommands live beside it:
-:mod:`~preftune.cli.train` (train, demo), :mod:`~preftune.cli.inspection` (data, eval) and
-:mod:`~preftune.cli.tools` (generate, plot). Every heavy import (torch, transformers, the trainer) happens
+:mod:`~preftune.cli.train` (train, plan, demo), :mod:`~preftune.cli.inspection` (data),
+:mod:`~preftune.cli.evaluate` (eval), :mod:`~preftune.cli.tools` (generate, plot) and
+:mod:`~preftune.cli.onpolicy` (sample, judge, pairs, loop, geneval). Every heavy import (torch, transformers, the trainer) happens
 inside the subcommand that needs it, so that ``preftune --help`` answers at once.
 
 Exit codes: 0 success; 2 usage, config or data error (one line ``preftune: error: ...`` on stderr, no
@@ -20,7 +21,7 @@ import os
 import re
 import sys
 
-from preftune.cli import inspection, onpolicy, tools, train
+from preftune.cli import evaluate, inspection, onpolicy, tools, train
 from preftune.cli._common import PROG, Parser, UsageError, examples, help_formatter
 from preftune.cli.train import parse_sweep
 from preftune.config import ConfigError
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for group in (train, inspection, tools, onpolicy):  # the order of `preftune --help`
+    for group in (train, inspection, evaluate, tools, onpolicy):  # the order of `preftune --help`
         group.add_commands(sub)
     return parser
 

@@ -1,22 +1,17 @@
-"""``preftune data`` (check and describe a dataset) and ``preftune eval`` (score a model on pairs)."""
+"""``preftune data``: check and describe a dataset the way training would read it."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 from preftune.cli._common import (
-    UsageError,
     add_command,
     existing_path,
-    model_source,
-    quiet_transformers,
 )
 
-__all__ = ["add_commands", "cmd_data", "cmd_eval"]
+__all__ = ["add_commands", "cmd_data"]
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -65,56 +60,6 @@ def _check_without_tokenizer(cfg: Any) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    model = model_source(args.model, "--model")
-    ref = model_source(args.ref, "--ref") if args.ref else None
-    data_file = existing_path(args.data, "data file")
-    if args.beta <= 0:
-        raise UsageError(f"--beta must be > 0, got {args.beta}")
-    from preftune.evaluation import evaluate_model
-
-    quiet_transformers()
-    metrics = evaluate_model(
-        args.model,
-        str(data_file),
-        ref=args.ref,
-        beta=args.beta,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-    )
-    if args.json:
-        print(json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2))
-        return 0
-    print(f"model: {model}")
-    print(
-        f"ref:   {ref or '(none: no implicit reward; avg_logp_accuracy = share of pairs whose chosen '}"
-        f"{'' if ref else 'response has the higher mean per-token log-prob)'}"
-    )
-    print(f"data:  {data_file}  (beta={args.beta})")
-    print(_table(metrics))
-    return 0
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _table(metrics: dict[str, Any]) -> str:
-    width = max((len(k) for k in metrics), default=6)
-    rows = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
-    for key, value in metrics.items():
-        value = _jsonable(value)
-        if key == "pairs" and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        rows.append(f"{key:<{width}}  {shown:>12}")
-    return "\n".join(rows)
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub,
@@ -148,38 +93,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--examples", type=int, default=3, metavar="N", help="examples to render (default: 3)"
     )
-
-    p = add_command(
-        sub,
-        "eval",
-        cmd_eval,
-        help="implicit-reward accuracy, margins and log-probs on a preference file",
-        description="Score a model on preference pairs. With --ref, rewards are beta * (log pi - log "
-        "pi_ref) and accuracy is the share of pairs whose chosen reward is higher; without it, the "
-        "policy's log-probs and avg_logp_accuracy (the share of pairs whose chosen response has the "
-        "higher mean per-token log-prob). --model/--ref take folders, .gguf files, Hub ids and LoRA "
-        "adapter folders.",
-        example_lines="""
-            preftune eval --model runs/dpo/final --ref models/Qwen2.5-0.5B-Instruct --data test.jsonl
-            preftune eval --model runs/dpo/final --data test.jsonl --json
-            """,
-    )
-    p.add_argument(
-        "--model", required=True, metavar="MODEL", help="model folder, .gguf file or Hub id"
-    )
-    p.add_argument("--ref", metavar="MODEL", help="reference model (default: none)")
-    p.add_argument("--data", required=True, metavar="FILE", help="preference data file")
-    p.add_argument(
-        "--beta", type=float, default=0.1, help="reward scale beta, with --ref (default: 0.1)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=8, metavar="N", help="pairs per batch (default: 8)"
-    )
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="max tokens per prompt+response (default: 1024)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")

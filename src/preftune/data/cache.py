@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .digest import file_digest
 from .sources import SourceFile
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
 # 2: special_token_in_content drops, bounded records, checksums; 3: system / tools columns, string prompts
 # and whole conversations in the conversational shape, mixtures (unpaired rows: their own key parts)
 CODE_VERSION = "preftune.data/3"
-_CHUNK = 1 << 20
 _FLUSH_ROWS = 1024
 _META = "meta.json"
 
@@ -92,37 +92,6 @@ def cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 
 # -------------------------------------------------------------------------------------------- hashing
-
-
-def file_digest(path: str | os.PathLike, root: Path | None = None) -> str:
-    """BLAKE2b of a file's bytes; memoised under ``root`` by (size, mtime_ns, ctime_ns, inode)."""
-    st = os.stat(path)
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    memo = None
-    if root is not None:
-        memo = (
-            root
-            / "filehash"
-            / (hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32] + ".json")
-        )
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            saved = json.loads(memo.read_text())
-            if saved["stamp"] == stamp:
-                return saved["digest"]
-    h = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        with contextlib.suppress(OSError):
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f"{memo.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(
-                json.dumps({"stamp": stamp, "digest": digest, "path": os.path.abspath(path)})
-            )
-            os.replace(tmp, memo)
-    return digest
 
 
 def source_digest(src: SourceFile, root: Path | None = None) -> dict:

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .digest import file_digest
 from .errors import DataError
 
 __all__ = ["choose_split", "dataset", "dataset_digest", "looks_like_hub_id", "split_names"]
@@ -178,8 +179,6 @@ def dataset(repo: str, config: str | None, split: str, revision: str | None) -> 
 
 def dataset_digest(ds: Any, root: Path | None) -> str:
     """Content identity of a loaded split: the checksum of its Arrow files (else datasets' fingerprint)."""
-    from .cache import file_digest
-
     files = sorted(f["filename"] for f in (ds.cache_files or []))
     if not files:
         return f"fingerprint:{ds._fingerprint}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["LossOutput", "LossSpec"]
+__all__ = ["LossOutput", "LossSpec", "hyperparameters"]
 
 
 @dataclass
@@ -64,13 +64,16 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Registry entry: how to call a loss and what it needs."""
+    """Registry entry: how to call a loss and what it needs. Everything the rest of preftune knows about a
+    loss (the config's validation, the objective, the diagnostics) it reads from here."""
 
     fn: Callable[..., LossOutput]
     needs_reference: (
         bool  # needs ref_chosen_logps / ref_rejected_logps (a reference model or a cache)
     )
-    defaults: Mapping[str, float | str]  # the hyperparameters it accepts, with their defaults
+    # The hyperparameters it accepts, with their defaults: ``fn``'s own keyword defaults
+    # (:func:`hyperparameters`), so that each default is written once, beside its maths.
+    defaults: Mapping[str, float | str]
     uses: str  # "sums" or "averages" (length-normalised log-probs, computed inside the loss)
     description: str
     defines_rewards: bool = field(
@@ -81,6 +84,27 @@ class LossSpec:
     )  # string-valued hyperparameters and their allowed values (f_dpo's f_divergence)
     # Names of the pair part and the token part when a loss has both (ORPO), logged separately.
     components: tuple[str, str] | None = None
+    # The per-pair loss at initialisation (policy = reference: every margin 0) when it is the same for every
+    # hyperparameter value and data set: log 2 for the sigmoid family. None: it depends on β or the data
+    # (IPO, SimPO, sft, ...). Diagnostics' stuck-at-init rule watches the losses that state it.
+    init_loss: float | None = None
+    # On always-won (separable) pairs the loss's optimum is an infinite reward margin (DPO), so margins keep
+    # growing once every pair is won. Diagnostics' unbounded-margins rule watches the losses that say so.
+    unbounded_margin: bool = False
+
+
+def hyperparameters(fn: Callable) -> dict[str, float | str]:
+    """A loss function's hyperparameters and their defaults: its keyword-only arguments with a number or
+    a string as default (``beta=0.1``, ``f_divergence="reverse_kl"``); inputs default to None."""
+    import inspect
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        and isinstance(p.default, (int, float, str))
+        and not isinstance(p.default, bool)
+    }
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from preftune.losses.core import LossOutput, LossSpec, _missing_reference
+from preftune.losses.core import LossOutput, LossSpec, _missing_reference, hyperparameters
 from preftune.losses.dpo_family import (
     apo_down,
     apo_zero,
@@ -34,89 +34,69 @@ from preftune.losses.transport import aot, aot_unpaired
 
 __all__ = ["LOSSES", "compute_loss"]
 
-_BETA = {"beta": 0.1}
-_SFT_SPEC = LossSpec(
-    sft, False, dict(_BETA), "sums", "token-mean NLL of the chosen responses", defines_rewards=False
+_LOG2 = math.log(2.0)
+
+
+def _spec(fn, needs_reference: bool, uses: str, description: str, **facts) -> LossSpec:
+    """A registry entry whose hyperparameter defaults are ``fn``'s own (stated once, in its signature)."""
+    return LossSpec(fn, needs_reference, hyperparameters(fn), uses, description, **facts)
+
+
+_SFT_SPEC = _spec(
+    sft, False, "sums", "token-mean NLL of the chosen responses", defines_rewards=False
 )
 
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid, True, dict(_BETA), "sums", "DPO: -log σ(βh)"),
-    "cdpo": LossSpec(
-        cdpo,
-        True,
-        {"beta": 0.1, "label_smoothing": 0.1},
-        "sums",
-        "conservative DPO (label smoothing ε)",
+    "sigmoid": _spec(
+        sigmoid, True, "sums", "DPO: -log σ(βh)", init_loss=_LOG2, unbounded_margin=True
     ),
-    "robust": LossSpec(
-        robust,
-        True,
-        {"beta": 0.1, "label_smoothing": 0.1},
-        "sums",
-        "robust DPO, unbiased under flip rate ε",
+    "cdpo": _spec(cdpo, True, "sums", "conservative DPO (label smoothing ε)", init_loss=_LOG2),
+    "robust": _spec(
+        robust, True, "sums", "robust DPO, unbiased under flip rate ε", init_loss=_LOG2
     ),
-    "hinge": LossSpec(hinge, True, dict(_BETA), "sums", "SLiC/RSO hinge: max(0, 1 - βh)"),
-    "ipo": LossSpec(ipo, True, dict(_BETA), "averages", "IPO on per-token averaged log-ratios"),
-    "simpo": LossSpec(
-        simpo,
-        False,
-        {"beta": 2.0, "gamma_beta_ratio": 0.5},
-        "averages",
-        "SimPO: reference-free, length-averaged, target margin γ",
+    "hinge": _spec(hinge, True, "sums", "SLiC/RSO hinge: max(0, 1 - βh)"),
+    "ipo": _spec(ipo, True, "averages", "IPO on per-token averaged log-ratios"),
+    "simpo": _spec(
+        simpo, False, "averages", "SimPO: reference-free, length-averaged, target margin γ"
     ),
-    "orpo": LossSpec(
+    "orpo": _spec(
         orpo,
         False,
-        {"beta": 0.1, "orpo_lambda": 0.1},
         "averages",
         "ORPO: NLL + λ·odds-ratio term, reference-free",
         components=("odds_ratio", "nll"),
     ),
-    "bco_pair": LossSpec(bco_pair, True, dict(_BETA), "sums", "paired binary classifier loss"),
-    "nca_pair": LossSpec(nca_pair, True, dict(_BETA), "sums", "paired noise-contrastive alignment"),
-    "sppo_hard": LossSpec(sppo_hard, True, dict(_BETA), "sums", "SPPO, hard labels: ±1/(2β)"),
-    "apo_zero": LossSpec(apo_zero, True, dict(_BETA), "sums", "APO-zero: chosen up, rejected down"),
-    "apo_down": LossSpec(apo_down, True, dict(_BETA), "sums", "APO-down: both down, rejected more"),
-    "exo_pair": LossSpec(
-        exo_pair,
-        True,
-        {"beta": 0.1, "exo_epsilon": 1e-3},
-        "sums",
-        "EXO: KL to the (1-ε, ε) target",
+    "bco_pair": _spec(bco_pair, True, "sums", "paired binary classifier loss"),
+    "nca_pair": _spec(nca_pair, True, "sums", "paired noise-contrastive alignment"),
+    "sppo_hard": _spec(sppo_hard, True, "sums", "SPPO, hard labels: ±1/(2β)"),
+    "apo_zero": _spec(apo_zero, True, "sums", "APO-zero: chosen up, rejected down"),
+    "apo_down": _spec(apo_down, True, "sums", "APO-down: both down, rejected more"),
+    "exo_pair": _spec(exo_pair, True, "sums", "EXO: KL to the (1-ε, ε) target"),
+    "discopop": _spec(
+        discopop, True, "sums", "DiscoPOP: log-ratio modulated logistic/exponential loss"
     ),
-    "discopop": LossSpec(
-        discopop,
-        True,
-        {"beta": 0.1, "discopop_tau": 0.05},
-        "sums",
-        "DiscoPOP: log-ratio modulated logistic/exponential loss",
-    ),
-    "sigmoid_norm": LossSpec(
+    "sigmoid_norm": _spec(
         sigmoid_norm,
         True,
-        {"beta": 5.0},
         "averages",
         "length-normalised DPO (Tülu 3): -log σ(β(r_w/n_w - r_l/n_l))",
     ),
-    "f_dpo": LossSpec(
+    "f_dpo": _spec(
         f_dpo,
         True,
-        {"beta": 0.1, "f_divergence": "reverse_kl", "f_alpha": 0.5},
         "sums",
         "f-DPO: DPO under reverse KL, forward KL, JS or α-divergence",
         choices={"f_divergence": F_DIVERGENCES},
     ),
-    "aot": LossSpec(
+    "aot": _spec(
         aot,
         True,
-        {"beta": 0.1, "label_smoothing": 0.0},
         "sums",
         "AOT, paired: sorted policy vs reference log-likelihood ratios (couples the micro-batch)",
     ),
-    "aot_unpaired": LossSpec(
+    "aot_unpaired": _spec(
         aot_unpaired,
         True,
-        {"beta": 0.1, "label_smoothing": 0.0},
         "sums",
         "AOT, unpaired: sorted chosen vs rejected log-ratios (couples the micro-batch)",
     ),

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from preftune.losses.core import LossSpec, _positive, _upcast
+from preftune.losses.core import LossSpec, _positive, _upcast, hyperparameters
 
 __all__ = [
     "UNPAIRED_LOSSES",
@@ -198,7 +198,7 @@ UNPAIRED_LOSSES: dict[str, LossSpec] = {
     "kto": LossSpec(
         kto,
         True,
-        {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+        hyperparameters(kto),  # its keyword defaults, stated once in the signature
         "sums",
         "KTO: prospect-theoretic loss on unpaired desirable/undesirable rows, KL reference point",
     ),

@@ -98,7 +98,7 @@ class MetricsLogger:
     def from_config(cls, cfg: Any, *, is_main: bool = True) -> MetricsLogger:
         """The logger a run's Config asks for: ``log.report_to`` / ``run_name`` / ``project``, the run
         folder ``train.output_dir`` and the resolved config for the trackers."""
-        from preftune.config import config_to_dict
+        from preftune._configio import config_to_dict
 
         lc = cfg.log
         return cls(

@@ -1,20 +1,10 @@
-"""Live diagnostics: recognise known DPO failure patterns in the metric history and say what to try.
+"""The diagnostics' rules: each a small pure function of the metric histories that returns a
+:class:`Finding` (what was seen, why it usually happens, what to try) or None.
 
-Why: the usual way a preference run fails is silently -- the loss sits at log 2, or both log-probs sink --
-and the user finds out after hours. Each rule here is a small pure function of the history (issue 5, "Live
-diagnostics"; the notes of docs/FORMULAS.md "Troubleshooting", which correct the seed's table: the loss is log 2 at
-initialisation for *every* β, so "raise β when the loss is flat" is not advice given here).
-
-Histories
----------
-``train``: one dict per logged train step with the keys of docs/FORMULAS.md "Metrics": ``step``, ``loss``,
-``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-``logps/rejected``, ``grad_norm``, ``learning_rate`` (missing keys make the rules that need them silent).
-``eval``: one dict per evaluation with ``step`` (the train step it ran at) and the same keys, either plain
-(``loss``) or prefixed (``eval/loss``); :meth:`Diagnostics.observe_eval` strips the prefix.
-
-Every rule returns a :class:`Finding` or None. :class:`Diagnostics` holds the histories, runs the rules after
-each observation and reports each rule once (again only after ``repeat_after`` steps).
+Histories (see :mod:`preftune.diagnostics`): one dict per logged step with the keys of docs/FORMULAS.md
+"Metrics"; missing keys make the rules that need them silent. A rule knows metrics, never loss names:
+which rules apply to a run's loss is :class:`preftune.diagnostics.Diagnostics`' decision, read from the loss
+registry.
 """
 
 from __future__ import annotations
@@ -27,24 +17,19 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "LOG2_INIT_LOSSES",
-    "Diagnostics",
+    "LOG2",
     "Finding",
     "check_grad_explosion",
     "check_likelihood_displacement",
+    "check_long_warmup",
     "check_nonfinite",
     "check_overfitting",
     "check_stuck_at_log2",
     "check_unbounded_margins",
     "format_warning",
-    "init_loss_for",
 ]
 
 LOG2 = math.log(2.0)
-#: Losses whose value at initialisation (policy == reference, margin 0) is exactly log 2, whatever β / ε.
-LOG2_INIT_LOSSES = frozenset({"sigmoid", "cdpo", "robust"})
-#: Losses whose optimum pushes the margin to infinity on separable (deterministic) preferences.
-UNBOUNDED_MARGIN_LOSSES = frozenset({"sigmoid"})
 
 History = Sequence[Mapping[str, Any]]
 
@@ -70,20 +55,6 @@ def format_warning(f: Finding) -> str:
         if items:
             lines += [f"  {title}:", *(f"    - {x}" for x in items)]
     return "\n".join(lines)
-
-
-def init_loss_for(
-    names: Sequence[str] | str, weights: Sequence[float] | None = None
-) -> float | None:
-    """The loss at initialisation when it is known to be log 2 per pair (sigmoid family), else None.
-
-    ``[sigmoid]`` → log 2; ``[cdpo]`` with weight 2 → 2 log 2; anything with an ``sft`` term, IPO, SimPO, ...
-    → None (their initial value depends on the data or on β), which switches the log-2 rule off.
-    """
-    names = [names] if isinstance(names, str) else list(names)
-    if not names or any(n not in LOG2_INIT_LOSSES for n in names):
-        return None
-    return LOG2 * (sum(weights) if weights is not None else len(names))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,22 +275,21 @@ def check_grad_explosion(
 def check_unbounded_margins(
     train: History,
     *,
-    loss_names: Sequence[str] = ("sigmoid",),
     window: int = 10,
     min_margin: float = 5.0,
     min_accuracy: float = 0.95,
     min_rise: float = 1.0,
     z: float = 3.0,
 ) -> Finding | None:
-    """Under ``sigmoid`` the margins keep growing after every pair is already won.
+    """The margins keep growing after every pair is already won (for a loss whose optimum is an infinite
+    margin, ``LossSpec.unbounded_margin``: DPO's sigmoid).
 
     Trigger: over the last ``window`` logged steps the mean accuracy ≥ ``min_accuracy``, the latest margin
     ≥ ``min_margin`` (σ(5) ≈ 0.993: the loss is ~0) and the second half's mean margin exceeds the first half's
-    by more than ``min_rise`` and ``z`` standard errors (still climbing, not a plateau). With deterministic (always-won) preferences DPO's optimum is an infinite margin, so the policy
-    keeps drifting from the reference (Azar et al. 2023, the IPO motivation).
+    by more than ``min_rise`` and ``z`` standard errors (still climbing, not a plateau). With deterministic
+    (always-won) preferences DPO's optimum is an infinite margin, so the policy keeps drifting from the
+    reference (Azar et al. 2023, the IPO motivation).
     """
-    if not UNBOUNDED_MARGIN_LOSSES.intersection(loss_names):
-        return None
     recent = list(train[-window:])
     margins, accs = _values(recent, "rewards/margins"), _values(recent, "rewards/accuracies")
     if len(margins) < window or len(accs) < window:
@@ -334,7 +304,7 @@ def check_unbounded_margins(
         step=_step(train),
         symptom=(
             f"reward margins keep growing ({first:.1f} → {second:.1f}) with reward accuracy "
-            f"{_mean(accs):.2f}: the sigmoid loss is ~0 yet the policy keeps moving away from the reference"
+            f"{_mean(accs):.2f}: the loss is ~0 yet the policy keeps moving away from the reference"
         ),
         causes=[
             "deterministic (always-won) preferences: DPO's optimum is an infinite margin, so nothing holds "
@@ -346,10 +316,6 @@ def check_unbounded_margins(
             "or stop earlier / use a larger β",
         ],
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# The watcher the trainer calls
 
 
 def check_long_warmup(warmup_steps: int, total_steps: int) -> Finding | None:
@@ -370,99 +336,3 @@ def check_long_warmup(warmup_steps: int, total_steps: int) -> Finding | None:
             "lower optim.warmup_steps, or set it to null and use optim.warmup_ratio (e.g. 0.1)"
         ],
     )
-
-
-class Diagnostics:
-    """Holds the metric histories, runs the rules after each observation, reports each finding once.
-
-    ``loss_names``/``loss_weights`` decide which rules apply (the log-2 rule only for the sigmoid family,
-    the margin rule only for ``sigmoid``); ``init_loss`` overrides the derived initial loss. A rule that has
-    fired stays quiet for ``repeat_after`` steps (None: for the rest of the run), so a stuck run prints one
-    warning, not one per log line.
-    """
-
-    def __init__(
-        self,
-        *,
-        loss_names: Sequence[str] = ("sigmoid",),
-        loss_weights: Sequence[float] | None = None,
-        warmup_steps: int = 0,
-        init_loss: float | None = None,
-        repeat_after: int | None = None,
-        max_history: int = 2000,
-    ) -> None:
-        self.loss_names = [loss_names] if isinstance(loss_names, str) else list(loss_names)
-        self.init_loss = (
-            init_loss if init_loss is not None else init_loss_for(self.loss_names, loss_weights)
-        )
-        self.warmup_steps = warmup_steps
-        self.repeat_after = repeat_after
-        self.max_history = max_history
-        self.train: list[dict[str, Any]] = []
-        self.eval: list[dict[str, Any]] = []
-        self.findings: list[Finding] = []
-        self._last_fired: dict[str, int] = {}
-
-    def observe_train(self, metrics: Mapping[str, Any], step: int | None = None) -> list[Finding]:
-        """Record one logged train step; return the findings that are new at this step.
-
-        The optimizer step comes from ``step``, else ``metrics["step"]``; pass it -- without either the
-        count of logged rows stands in, which makes ``warmup_steps`` and ``repeat_after`` count log lines.
-        """
-        row = dict(metrics)
-        if step is not None:
-            row["step"] = step
-        elif "step" not in row:
-            row["step"] = (self.train[-1]["step"] + 1) if self.train else 1
-        self._append(self.train, row)
-        t = self.train
-        return self._emit(
-            [
-                check_nonfinite(t),
-                check_grad_explosion(t),
-                check_stuck_at_log2(t, init_loss=self.init_loss, warmup_steps=self.warmup_steps),
-                check_likelihood_displacement(t),
-                check_unbounded_margins(t, loss_names=self.loss_names),
-            ]
-        )
-
-    def observe_setup(self, total_steps: int) -> list[Finding]:
-        """Findings about the run's settings, before the first step (a warm-up too long for the run)."""
-        return self._emit([check_long_warmup(self.warmup_steps, total_steps)])
-
-    def observe_eval(self, metrics: Mapping[str, Any], step: int | None = None) -> list[Finding]:
-        """Record one evaluation (keys plain or ``eval/``-prefixed); return new findings.
-
-        Without ``step`` (or ``metrics["step"]``) the eval is dated at the last observed train step.
-        """
-        row = {k.removeprefix("eval/"): v for k, v in metrics.items()}
-        if step is not None:
-            row["step"] = step
-        elif "step" not in row:
-            row["step"] = self.train[-1]["step"] if self.train else 0
-        self._append(self.eval, row)
-        return self._emit([check_overfitting(self.train, self.eval)])
-
-    def report(self) -> list[dict[str, Any]]:
-        """All findings so far as JSON-ready dicts, for the run folder's report."""
-        return [f.to_dict() for f in self.findings]
-
-    def _append(self, history: list[dict[str, Any]], row: dict[str, Any]) -> None:
-        history.append(row)
-        if len(history) > self.max_history:
-            del history[: len(history) - self.max_history]
-
-    def _emit(self, candidates: list[Finding | None]) -> list[Finding]:
-        new = []
-        for f in candidates:
-            if f is None:
-                continue
-            last = self._last_fired.get(f.rule)
-            if last is not None and (
-                self.repeat_after is None or f.step - last < self.repeat_after
-            ):
-                continue
-            self._last_fired[f.rule] = f.step
-            self.findings.append(f)
-            new.append(f)
-        return new
