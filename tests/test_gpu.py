@@ -231,8 +231,11 @@ def test_model_logps_under_bf16_autocast_within_the_bound_of_its_hidden_states(t
 
 
 # ----------------------------------------------------------------------------- layouts
-def test_shared_prompt_equals_padded_rows_on_cuda_fp32(tiny_dir, pairs):
-    """The shared ``[P|C|R]`` layout gives the padded rows' log-probs and gradients, fp32 on CUDA.
+@pytest.mark.parametrize("kernel", ["flex", "segments"])
+def test_shared_prompt_equals_padded_rows_on_cuda_fp32(tiny_dir, pairs, kernel):
+    """The shared ``[P|C|R]`` layout gives the padded rows' log-probs and gradients, fp32 on CUDA, with
+    the fused FlexAttention kernel (the default on CUDA; its backward exists only there) and with the
+    per-segment SDPA calls.
 
     Different attention kernels (one masked SDPA call over padded rows vs. per-segment calls) and
     different GEMM shapes sum in different orders: fp32 rounding, ~1e-6 relative on a 2-layer model
@@ -247,6 +250,8 @@ def test_shared_prompt_equals_padded_rows_on_cuda_fp32(tiny_dir, pairs):
     for name, layout in layouts.items():
         model = _load(tiny_dir)
         module = layout.module(model)
+        if name == "shared":
+            module.kernel = kernel
         logps = _logps(layout, module, layout.collate(pairs))
         (logps * upstream).sum().backward()
         values[name] = logps.detach()

@@ -198,3 +198,38 @@ def test_a_layer_that_does_not_route_is_caught():
     prepare_shared(model)
     with pytest.raises(RuntimeError, match="only 2 of 3 attention layers"):
         shared(**collate_shared(_pairs(), PAD).model_inputs())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_window", "gemma2_softcap"])
+def test_flex_kernel_equals_the_padded_layout(arch):
+    """The fused FlexAttention path (chosen on CUDA) gives the padded layout's log-probs. FlexAttention runs
+    unfused on a CPU but has no CPU backward: gradients are checked by the GPU subset
+    (tests/test_gpu.py). Mistral with a 4-token window and Gemma 2's attention soft-cap exercise the mask
+    and the score_mod."""
+    import warnings
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = _llama()
+    elif arch == "mistral_window":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=4)).float().eval()
+    else:
+        cfg = Gemma2Config(**common, head_dim=8, attn_logit_softcapping=1.0, sliding_window=4)
+        model = Gemma2ForCausalLM(cfg).float().eval()
+    model.config._attn_implementation = model.config._attn_implementation or "eager"
+    pairs = _pairs(seed=9)
+    ref = _reference(model, pairs)
+    flexed = copy.deepcopy(model)
+    prepare_shared(flexed)
+    module = SharedPromptLogps(flexed, chunk_size=5, attention_layers=2, kernel="flex")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+        logps, n, *_ = module(**collate_shared(pairs, PAD, pairs_per_row=2).model_inputs())
+    torch.testing.assert_close(logps, ref[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(n, ref[1])

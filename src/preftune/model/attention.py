@@ -43,6 +43,7 @@ from preftune.model.arch import unwrap_causal_lm
 
 __all__ = [
     "ATTENTION_PREFIX",
+    "KERNELS",
     "PLAN_KWARG",
     "SegmentPlan",
     "attention_name",
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 ATTENTION_PREFIX = "preftune_segments"
+#: How a planned layer computes the layout (:class:`SegmentPlan`'s ``kernel``).
+KERNELS = ("segments", "flex")
 #: Keyword argument carrying the :class:`SegmentPlan` from the decoder call down to every attention layer.
 PLAN_KWARG = "preftune_plan"
 
@@ -110,9 +113,16 @@ class SegmentPlan:
     Args:
         segments: rows of ``(row, start, a, b, c)`` (see the module docstring).
         rows, length: the batch's ``[rows, length]`` shape.
+        kernel: ``"segments"`` (per-unit SDPA calls) or ``"flex"`` (one FlexAttention call per layer with a
+            block mask built once from the segments: fewer, fused kernel launches on a GPU); ``"auto"``
+            picks flex on CUDA and segments elsewhere. Layers FlexAttention cannot reproduce (attention
+            sinks, dropout) use the segments path.
     """
 
-    def __init__(self, segments: list[list[int]], rows: int, length: int):
+    def __init__(self, segments: list[list[int]], rows: int, length: int, kernel: str = "segments"):
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.rows, self.length = rows, length
         self.segments = [tuple(int(x) for x in seg) for seg in segments]
         self.routed: set[int] = set()  # ids of the attention modules that used this plan
@@ -216,6 +226,12 @@ def _planned_attention(
             f"batch shape [{rows}, {length}] does not match the segment plan [{plan.rows}, {plan.length}]"
         )
     scaling = d**-0.5 if scaling is None else scaling
+    if plan.kernel == "flex" and sinks is None and not dropout:
+        from preftune.model.flex import flex_attention
+
+        return flex_attention(
+            plan, query, key, value, scaling=scaling, window=window, softcap=softcap
+        )
     eager = softcap is not None or sinks is not None
     n_rep = hq // key.shape[1]
     gqa = {}

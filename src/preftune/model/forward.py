@@ -201,9 +201,11 @@ class SharedPromptLogps(_LogpsModule):
         chunk_size: int,
         attention_layers: int,
         extras: Iterable[str] = (),
+        kernel: str = "auto",
     ):
         super().__init__(model, chunk_size=chunk_size, extras=extras)
         self.attention_layers = attention_layers  # layers that must route the plan (from the probe)
+        self.kernel = kernel  # "auto" | "segments" | "flex" (preftune.model.attention.KERNELS)
         self.last_routed = 0
 
     def forward(
@@ -217,7 +219,10 @@ class SharedPromptLogps(_LogpsModule):
         n_tokens: Tensor,  # [2B]
     ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
         rows, length = input_ids.shape
-        plan = SegmentPlan(segments.tolist(), rows, length)
+        kernel = self.kernel
+        if kernel == "auto":  # one fused kernel per layer on a GPU; per-unit SDPA calls on a CPU
+            kernel = "flex" if input_ids.device.type == "cuda" else "segments"
+        plan = SegmentPlan(segments.tolist(), rows, length, kernel)
         with skip_mask_creation():
             out = self._decoder()(
                 input_ids=input_ids,
