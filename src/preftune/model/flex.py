@@ -72,7 +72,7 @@ def flex_attention(
     softcap: float | None,
 ) -> Tensor:
     """``[rows, T, Hq, Dv]``: the whole layout in one FlexAttention call (soft-cap as a score_mod)."""
-    from torch.nn.attention.flex_attention import flex_attention as flex
+    flex = _compiled() if query.device.type == "cuda" else _eager()
 
     score_mod = None
     if softcap is not None:
@@ -90,3 +90,21 @@ def flex_attention(
         enable_gqa=query.shape[1] != key.shape[1],
     )
     return out.transpose(1, 2).contiguous()
+
+
+_COMPILED = None
+
+
+def _eager():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def _compiled():
+    """FlexAttention compiled once (dynamic shapes: batches differ in length): without compilation it runs
+    an unfused reference that materialises the whole score matrix."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_eager(), dynamic=True)
+    return _COMPILED
