@@ -13,7 +13,10 @@ TESTS = REPO / "tests"
 
 #: Modules whose tests live in a file of another name: module (relative to src/preftune) -> test file.
 MIRRORS = {
+    "_coercion.py": "test_configio.py",  # moved from _configio.py; tested by tests/test_configio.py
     "checkpoint_files.py": "test_checkpoint.py",
+    "checkpoint_state.py": "test_checkpoint.py",  # moved from checkpoint.py; tested by tests/test_checkpoint.py
+    "config_checks.py": "test_config.py",  # moved from config.py; tested by tests/test_config.py
     "data/entry.py": "test_data_load.py",
     "data/errors.py": "test_data_load.py",
     "data/digest.py": "test_data_cache.py",
@@ -25,8 +28,11 @@ MIRRORS = {
     "geneval.py": "test_loop.py",
     "loopspec.py": "test_loop.py",
     "model/arch.py": "test_architectures.py",
+    "model/flex.py": "test_model_attention.py",  # values on CPU; gradients in test_gpu.py
     "model/probe.py": "test_model_layout.py",
     "modelcard.py": "test_trainer.py",
+    "runlock.py": "test_runfolder.py",  # moved from runfolder.py; tested by tests/test_runfolder.py
+    "sampling_backends.py": "test_sampling.py",  # moved from sampling.py; tested by tests/test_sampling.py
 }
 
 

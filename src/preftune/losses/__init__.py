@@ -1,9 +1,9 @@
 """The DPO loss family as pure functions of per-pair log-probs (spec: docs/FORMULAS.md, "Losses").
 
 Layout: :mod:`~preftune.losses.core` (``LossOutput``, ``LossSpec``, shared numeric helpers),
-:mod:`~preftune.losses.dpo_family` (losses on log-ratios to a reference),
-:mod:`~preftune.losses.fdiv` (``f_dpo``), :mod:`~preftune.losses.transport` (``aot``, ``aot_unpaired``:
-sorted-batch losses that couple the pairs of a micro-batch),
+:mod:`~preftune.losses.dpo_family` and :mod:`~preftune.losses.pair_extra` (losses on log-ratios to a
+reference), :mod:`~preftune.losses.fdiv` (``f_dpo``), :mod:`~preftune.losses.transport` (``aot``,
+``aot_unpaired``: sorted-batch losses that couple the pairs of a micro-batch),
 :mod:`~preftune.losses.reference_free` (``simpo``, ``orpo``, ``sft``), :mod:`~preftune.losses.registry`
 (``LOSSES``, ``compute_loss``), :mod:`~preftune.losses.unpaired` (KTO on unpaired rows: ``kto``,
 ``UNPAIRED_LOSSES``, ``mismatched_indices``, ``kl_stats``) and :mod:`~preftune.losses.options` (per-loss
@@ -69,23 +69,18 @@ rewards are used only when every term is ``sft``).
 """
 
 from preftune.losses.core import LossOutput, LossSpec
-from preftune.losses.dpo_family import (
+from preftune.losses.dpo_family import cdpo, hinge, ipo, robust, sigmoid, sigmoid_norm
+from preftune.losses.fdiv import F_DIVERGENCES, f_dpo
+from preftune.losses.options import ld_logps, ld_split, public_tokens, wpo_weights
+from preftune.losses.pair_extra import (
     apo_down,
     apo_zero,
     bco_pair,
-    cdpo,
     discopop,
     exo_pair,
-    hinge,
-    ipo,
     nca_pair,
-    robust,
-    sigmoid,
-    sigmoid_norm,
     sppo_hard,
 )
-from preftune.losses.fdiv import F_DIVERGENCES, f_dpo
-from preftune.losses.options import ld_logps, ld_split, public_tokens, wpo_weights
 from preftune.losses.reference_free import orpo, sft, simpo
 from preftune.losses.registry import LOSSES, compute_loss
 from preftune.losses.transport import aot, aot_unpaired

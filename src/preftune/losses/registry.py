@@ -13,22 +13,17 @@ import torch
 from torch import Tensor
 
 from preftune.losses.core import LossOutput, LossSpec, _missing_reference, hyperparameters
-from preftune.losses.dpo_family import (
+from preftune.losses.dpo_family import cdpo, hinge, ipo, robust, sigmoid, sigmoid_norm
+from preftune.losses.fdiv import F_DIVERGENCES, f_dpo
+from preftune.losses.pair_extra import (
     apo_down,
     apo_zero,
     bco_pair,
-    cdpo,
     discopop,
     exo_pair,
-    hinge,
-    ipo,
     nca_pair,
-    robust,
-    sigmoid,
-    sigmoid_norm,
     sppo_hard,
 )
-from preftune.losses.fdiv import F_DIVERGENCES, f_dpo
 from preftune.losses.reference_free import orpo, sft, simpo
 from preftune.losses.transport import aot, aot_unpaired
 

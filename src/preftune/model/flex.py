@@ -10,19 +10,15 @@ the padded layout on CPU, where FlexAttention runs unfused (tests/test_model_att
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # attention.py imports this module lazily: no cycle at run time either
-    from preftune.model.attention import SegmentPlan
 
 __all__ = ["block_mask", "flex_attention"]
 
 
-def block_mask(plan: SegmentPlan, window: int | None, device: torch.device):
-    """FlexAttention's block mask of the layout (built once per plan, window and device).
+def block_mask(plan, window: int | None, device: torch.device):
+    """FlexAttention's block mask of ``plan``'s layout (a :class:`preftune.model.attention.SegmentPlan`,
+    not imported: attention.py imports this module), built once per plan, window and device.
 
     In logical positions, as the segments path: key k is visible from query q when both are in the same
     unit, k's logical position is at most q's (and within the window), and k is in the prompt or in q's
@@ -62,7 +58,7 @@ def block_mask(plan: SegmentPlan, window: int | None, device: torch.device):
 
 
 def flex_attention(
-    plan: SegmentPlan,
+    plan,
     query: Tensor,
     key: Tensor,
     value: Tensor,
