@@ -14,6 +14,7 @@ from _tiny import make_tiny_llama, toy_pairs, write_jsonl
 
 from preftune import build
 from preftune.config import Config
+from preftune.data.cache import cache_root
 from preftune.losses import LOSSES, UNPAIRED_LOSSES
 from preftune.model import ModelError
 from preftune.objective import KTOObjective, Objective
@@ -25,6 +26,10 @@ def test_cache_root_expands_home_and_treats_an_empty_env_as_unset(monkeypatch):
     assert build.cache_root(None) == Path.home() / ".cache" / "preftune"
     monkeypatch.setenv("PREFTUNE_CACHE", "/somewhere")
     assert build.cache_root(None) == Path("/somewhere")
+    monkeypatch.setenv("PREFTUNE_CACHE", "~/env-cache")
+    assert build.cache_root(None) == Path.home() / "env-cache"
+    # one cache folder: the tokenized-data cache sits under the same root
+    assert cache_root(None) == build.cache_root(None) / "data"
 
 
 def test_autocast_is_plain_fp32_on_cpu_unless_asked():

@@ -125,3 +125,35 @@ def test_cli_geneval_and_loop(setup, tmp_path, capsys):
     assert main(["loop", str(config)]) == 2  # no loop.prompts
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loop.prompts" in err[0]
+
+
+def test_cli_eval_with_a_judge_is_the_generation_eval(setup, tmp_path, capsys):
+    from preftune.cli import main
+
+    common = ["--model", str(setup / "model"), "--samples", "2", "--max-new-tokens", "4"]
+    generation = [
+        "--prompts", str(setup / "heldout.jsonl"), "--judge", f"python:{setup / 'judge_a.py'}:score",
+        "--json", "--no-progress",
+    ]  # fmt: skip
+    assert main(["geneval", *common, *generation, "--out", str(tmp_path / "a")]) == 0
+    by_geneval = json.loads(capsys.readouterr().out)
+    assert main(["eval", *common, *generation, "--out", str(tmp_path / "b")]) == 0
+    by_eval = json.loads(capsys.readouterr().out)
+    assert by_eval == by_geneval and "greedy/pass_rate" in by_eval
+    # the two modes are exclusive and a generation eval names what it lacks, in one line, exit 2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    for argv, expected in (
+        (
+            ["eval", "--model", str(setup / "model"), "--data", str(pairs), "--judge", "rules:"],
+            "--data",
+        ),
+        (
+            ["eval", "--model", str(setup / "model"), "--judge", "rules:"],
+            "missing --prompts, --out",
+        ),
+        (["eval", "--model", str(setup / "model")], "give --data FILE"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err

@@ -17,6 +17,7 @@ from torch import nn
 
 from preftune.config import Config, resolved_reference_strategy
 from preftune.data import pair_lengths
+from preftune.data.cache import cache_base
 from preftune.distributed import DistContext
 from preftune.distributed.wrap import shard_frozen
 from preftune.losses import UNPAIRED_LOSSES, compute_loss
@@ -63,11 +64,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_root(explicit: str | None) -> Path:
-    import os
-
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
+    """Where precomputed reference tables and in-memory rows go: the one cache folder (data.cache owns it)."""
+    return cache_base(explicit)
 
 
 def model_source(cfg: Config) -> ModelSource:

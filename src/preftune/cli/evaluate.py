@@ -1,4 +1,5 @@
-"""``preftune eval``: score a model on preference pairs (implicit-reward accuracy, margins, log-probs).
+"""``preftune eval``: score a model on preference pairs (implicit-reward accuracy, margins, log-probs), or,
+with ``--judge`` and ``--prompts``, by generation (the same as ``preftune geneval``).
 
 The command's wiring lives here: a run's parts built from paths (:func:`evaluate_model`), then the metric
 maths of :func:`preftune.evaluation.evaluate`, the same loss and reduction as in training.
@@ -18,6 +19,7 @@ from preftune.cli._common import (
     model_source,
     quiet_transformers,
 )
+from preftune.cli.onpolicy import add_generation_eval_options, cmd_geneval
 
 __all__ = ["add_commands", "cmd_eval", "evaluate_model"]
 
@@ -99,6 +101,27 @@ def evaluate_model(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    generation = [f"--{k}" for k in ("prompts", "judge", "out") if getattr(args, k)]
+    if generation:
+        if args.data:
+            raise UsageError(
+                f"--data scores preference pairs, {' '.join(generation)} evaluates by generation: "
+                "give one of the two"
+            )
+        missing = [f"--{k}" for k in ("prompts", "judge", "out") if not getattr(args, k)]
+        if missing:
+            raise UsageError(
+                f"a generation eval needs --prompts FILE, --judge SPEC and --out DIR; missing {', '.join(missing)}"
+            )
+        if args.batch_size is None:
+            args.batch_size = 16
+        return cmd_geneval(args)
+    if not args.data:
+        raise UsageError(
+            "give --data FILE (preference pairs) or --prompts FILE --judge SPEC --out DIR (generation)"
+        )
+    if args.batch_size is None:
+        args.batch_size = 8
     model = model_source(args.model, "--model")
     ref = model_source(args.ref, "--ref") if args.ref else None
     data_file = existing_path(args.data, "data file")
@@ -160,28 +183,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "eval",
         cmd_eval,
         help="implicit-reward accuracy, margins and log-probs on a preference file",
-        description="Score a model on preference pairs. With --ref, rewards are beta * (log pi - log "
-        "pi_ref) and accuracy is the share of pairs whose chosen reward is higher; without it, the "
-        "policy's log-probs and avg_logp_accuracy (the share of pairs whose chosen response has the "
-        "higher mean per-token log-prob). --model/--ref take folders, .gguf files, Hub ids and LoRA "
-        "adapter folders.",
+        description="Score a model on preference pairs (--data). With --ref, rewards are beta * (log "
+        "pi - log pi_ref) and accuracy is the share of pairs whose chosen reward is higher; without "
+        "it, the policy's log-probs and avg_logp_accuracy (the share of pairs whose chosen response "
+        "has the higher mean per-token log-prob). With --prompts, --judge and --out instead, evaluate "
+        "by generation, as preftune geneval does: judge pass rate or mean score, greedy and sampled, "
+        "and with --ref the win rate against the reference's answers and the KL to it. "
+        "--model/--ref take folders, .gguf files, Hub ids and LoRA adapter folders.",
         example_lines="""
             preftune eval --model runs/dpo/final --ref models/Qwen2.5-0.5B-Instruct --data test.jsonl
             preftune eval --model runs/dpo/final --data test.jsonl --json
+            preftune eval --model runs/dpo/final --ref models/base --judge rules: \\
+                --prompts heldout.jsonl --out runs/geneval
             """,
     )
     p.add_argument(
         "--model", required=True, metavar="MODEL", help="model folder, .gguf file or Hub id"
     )
     p.add_argument("--ref", metavar="MODEL", help="reference model (default: none)")
-    p.add_argument("--data", required=True, metavar="FILE", help="preference data file")
+    p.add_argument("--data", metavar="FILE", help="preference data file")
     p.add_argument(
         "--beta",
         type=float,
         help=f"reward scale beta, with --ref (default: the {_LOSS} loss's default beta)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=8, metavar="N", help="pairs per batch (default: 8)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="pairs per batch (default: 8), or prompts per generation batch (default: 16)",
     )
     p.add_argument(
         "--max-length",
@@ -191,3 +221,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="max tokens per prompt+response (default: 1024)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_generation_eval_options(p.add_argument_group("generation eval"), required=False)

@@ -17,7 +17,14 @@ from preftune.cli._common import (
     quiet_transformers,
 )
 
-__all__ = ["add_commands", "cmd_judge", "cmd_pairs", "cmd_sample"]
+__all__ = [
+    "add_commands",
+    "add_generation_eval_options",
+    "cmd_geneval",
+    "cmd_judge",
+    "cmd_pairs",
+    "cmd_sample",
+]
 
 
 def _usage(exc: BaseException) -> UsageError:
@@ -351,18 +358,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--model", required=True, help="model folder, .gguf file, Hub id or adapter folder"
     )
     p.add_argument("--ref", help="reference model (win rate and KL); default: none")
-    p.add_argument("--prompts", required=True, nargs="+", metavar="FILE", help="held-out prompts")
+    add_generation_eval_options(p, required=True)
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="default: 16")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_generation_eval_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """The options of a generation-based eval, shared by ``preftune geneval`` and ``preftune eval --judge``."""
     p.add_argument(
-        "--judge", required=True, metavar="SPEC", help="rules: | python:M:F | reward-model:P"
+        "--prompts", required=required, nargs="+", metavar="FILE", help="held-out prompts"
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="answers are kept here (resumable)")
+    p.add_argument(
+        "--judge", required=required, metavar="SPEC", help="rules: | python:M:F | reward-model:P"
+    )
+    p.add_argument(
+        "--out", required=required, metavar="DIR", help="answers are kept here (resumable)"
+    )
     p.add_argument("--samples", type=int, default=4, help="sampled answers per prompt (default: 4)")
     p.add_argument("--temperature", type=float, default=0.8, help="default: 0.8")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
-    p.add_argument("--seed", type=int, default=1, help="default: 1")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed (default: 1)")
     p.add_argument(
         "--chat", choices=("auto", "off"), default="auto", help="apply the chat template"
     )
-    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="default: 16")
-    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -54,6 +54,7 @@ __all__ = [
     "CODE_VERSION",
     "UNPAIRED_SCHEMA",
     "PairWriter",
+    "cache_base",
     "cache_key",
     "cache_root",
     "committed_entry",
@@ -86,9 +87,16 @@ SCHEMA = pa.schema(
 UNPAIRED_SCHEMA = SCHEMA.insert(3, pa.field("label", pa.bool_()))
 
 
+def cache_base(explicit: str | os.PathLike | None) -> Path:
+    """preftune's one cache folder: ``explicit``, else ``$PREFTUNE_CACHE`` (empty = unset), else
+    ``~/.cache/preftune``; ``~`` expanded in each."""
+    base = explicit or os.environ.get("PREFTUNE_CACHE") or os.path.join("~", ".cache", "preftune")
+    return Path(os.path.expanduser(str(base)))
+
+
 def cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    base = cache_dir or os.environ.get("PREFTUNE_CACHE") or os.path.join("~", ".cache", "preftune")
-    return Path(os.path.expanduser(str(base))) / "data"
+    """Where tokenized data is cached: ``<cache_base>/data``."""
+    return cache_base(cache_dir) / "data"
 
 
 # -------------------------------------------------------------------------------------------- hashing
