@@ -157,3 +157,51 @@ def test_cli_eval_with_a_judge_is_the_generation_eval(setup, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+
+
+def test_train_with_a_generation_eval_logs_it_and_trains_the_same(setup, tmp_path, capsys):
+    """The ``geneval`` section: pass rates at step 0, at each eval point and at the end; the losses equal
+    to a run without it (the eval draws no number from the training stream and restores train mode)."""
+    from _tiny import tiny_train_config, toy_pairs
+
+    from preftune.cli import main
+    from preftune.tracking import read_metrics
+    from preftune.trainer import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(24))
+
+    def run(name, **geneval):
+        cfg = tiny_train_config(
+            setup / "model", data, tmp_path / name, train__max_steps=3, train__eval_every=2
+        )
+        for k, v in geneval.items():
+            setattr(cfg.geneval, k, v)
+        train(cfg)
+        return read_metrics(tmp_path / name)
+
+    judge = f"python:{setup / 'judge_a.py'}:score"
+    plain = run("plain")
+    rows = run(
+        "geneval", prompts=[str(setup / "heldout.jsonl")], judge=judge, samples=2,
+        max_new_tokens=4, batch_size=3,
+    )  # fmt: skip
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    assert losses == [r["loss"] for r in plain if r.get("split") == "train"] and len(losses) == 3
+    evals = [r for r in rows if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    for r in evals:
+        assert 0.0 <= r["geneval/greedy/pass_rate"] <= 1.0
+        assert r["geneval/greedy/answers"] == 4 and r["geneval/sampled/answers"] == 8
+    assert (tmp_path / "geneval" / "geneval" / "step-3" / "policy-sampled.jsonl").is_file()
+    # a judge that cannot be built fails before any model loads, in one line, exit 2
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(
+        f"model: {{path: {setup / 'model'}}}\ndata: {{train_files: [{data}]}}\n"
+        f"train: {{output_dir: {tmp_path / 'bad'}}}\n"
+        f"geneval: {{prompts: [{setup / 'heldout.jsonl'}], judge: 'oracle:x'}}\n"
+    )
+    capsys.readouterr()
+    assert main(["train", str(cfg_file)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "geneval.judge: judge 'oracle:x': unknown kind" in err[0], err
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -34,12 +34,13 @@ from preftune.config_checks import (
 )
 from preftune.config_checks import LOSS_ALIASES as LOSS_ALIASES
 from preftune.data.spec import EXCLUSIVE, DataConfig, SourceConfig
-from preftune.loopspec import LoopConfig
+from preftune.loopspec import GenEvalConfig, LoopConfig
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "GenEvalConfig",
     "LogConfig",
     "LoopConfig",
     "LoraConfig",
@@ -233,6 +234,9 @@ class Config:
     train: TrainConfig = _f(TrainConfig, "training loop")
     log: LogConfig = _f(LogConfig, "logging")
     loop: LoopConfig = _f(LoopConfig, "iterative on-policy DPO (preftune loop); ignored by train")
+    geneval: GenEvalConfig = _f(
+        GenEvalConfig, "generation eval on held-out prompts at train's eval points (optional)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

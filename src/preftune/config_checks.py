@@ -17,7 +17,7 @@ from typing import Any
 
 from preftune._configio import ConfigError, suggest
 from preftune.data.spec import FORMAT_CHOICES, SHAPE_CHOICES, check_data, check_examples
-from preftune.loopspec import check_loop
+from preftune.loopspec import check_geneval, check_loop
 
 __all__ = ["KEY_HINTS", "LOSS_ALIASES", "resolved_reference_strategy", "validate"]
 
@@ -88,6 +88,7 @@ def validate(cfg: Any) -> None:
     _resolve_aliases(cfg)
     check_data(cfg.data)
     check_loop(cfg.loop)
+    check_geneval(cfg.geneval)
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:

@@ -81,6 +81,18 @@ SAFE_CHANGES: dict[str, str] = {
     "data.on_drop": "a data change shows in facts.data",
     "reference.cache_dir": "where reference log-probs are cached (their key is facts.reference)",
     "reference.batch_size": "batching of the reference precompute (its result is facts.reference)",
+    **{
+        f"geneval.{key}": "the generation eval reads the policy; it changes no training state"
+        for key in (
+            "prompts",
+            "judge",
+            "samples",
+            "temperature",
+            "max_new_tokens",
+            "seed",
+            "batch_size",
+        )
+    },
 }
 #: Safe settings that may only grow (None, "no limit", counts as neither smaller nor larger: a change).
 UPWARD_ONLY = frozenset({"train.max_steps"})

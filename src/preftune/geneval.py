@@ -16,6 +16,10 @@ held-out prompts:
 
 Answers are written to ``out_dir`` (``<name>-<decoding>.jsonl``, resumable by :func:`preftune.sampling.
 sample_to_file`), so a rerun reuses them and the reference's answers are sampled once.
+
+:class:`TrainingGenEval` is the same eval at the eval points of ``preftune train`` (the ``geneval`` config
+section): policy metrics only, answers under ``<run>/geneval/step-N/``, the training RNG and the policy's
+train/eval mode left as they were.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from preftune.model import PaddedLayout
 from preftune.pairs import read_samples
 from preftune.sampling import HFGenerator, PromptRecord, SamplingSettings, sample_to_file
 
-__all__ = ["answer_logps", "generation_eval", "sample_answers"]
+__all__ = ["TrainingGenEval", "answer_logps", "generation_eval", "sample_answers"]
 
 
 def sample_answers(
@@ -162,3 +166,43 @@ def generation_eval(
             m["kl"] = _mean([p - q for ps, qs in zip(pol, ref) for p, q in zip(ps, qs)])
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}
+
+
+class TrainingGenEval:
+    """The ``geneval`` section of a run: prompts read and judge loaded at construction (before any model
+    loads, so that a bad file or judge fails in seconds), then ``self(model, tokenizer, step)`` at each eval
+    point returns ``geneval/<decoding>/<metric>``."""
+
+    def __init__(self, spec: Any, run_dir: Path):
+        from preftune.judges import load_judge
+        from preftune.sampling import read_prompts
+
+        self.spec, self.out = spec, Path(run_dir) / "geneval"
+        self.judge = load_judge(spec.judge)
+        self.prompts = read_prompts(spec.prompts)
+
+    def __call__(self, model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+        spec = self.spec
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        greedy = SamplingSettings(
+            num_samples=1, temperature=0.0, max_new_tokens=spec.max_new_tokens, chat=chat
+        )
+        decodings = {"greedy": greedy}
+        if spec.samples:
+            decodings["sampled"] = replace(
+                greedy, num_samples=spec.samples, temperature=spec.temperature, seed=spec.seed
+            )
+        was_training = model.training
+        # Sampling draws from its own seeded generators; fork_rng keeps a stray draw off the training stream.
+        devices = (
+            [model.device] if getattr(model, "device", None) and model.device.type == "cuda" else []
+        )
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                metrics = generation_eval(
+                    model, tokenizer, self.prompts, self.judge, decodings=decodings,
+                    out_dir=self.out / f"step-{step}", batch_size=spec.batch_size,
+                )  # fmt: skip
+        finally:
+            model.train(was_training)
+        return {f"geneval/{k}": v for k, v in metrics.items()}

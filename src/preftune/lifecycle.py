@@ -88,6 +88,25 @@ def check_device(device: torch.device) -> torch.device:
     return device
 
 
+def generation_eval(cfg: Config, dist: DistContext, run_dir: Path):
+    """The run's generation eval (the ``geneval`` section) or None; its prompts and judge are read now,
+    before any model loads, so that a bad file or judge spec fails in seconds (exit 2)."""
+    if not cfg.geneval.prompts:
+        return None
+    if dist.world_size > 1:
+        raise ConfigError(
+            "geneval.prompts: the generation eval during training runs in one process; under torchrun, "
+            "run preftune geneval on the saved checkpoints instead"
+        )
+    from preftune.geneval import TrainingGenEval
+    from preftune.judges import JudgeError
+
+    try:
+        return TrainingGenEval(cfg.geneval, run_dir)
+    except JudgeError as e:
+        raise ConfigError(f"geneval.judge: {e}") from None
+
+
 def run_facts(cfg: Config, tokenizer, data, dist: DistContext, model=None) -> dict:
     """What defines the run besides its settings, cheap to measure (model files, not weights); a model
     given in memory has no files: its class and a hash of its weights stand for it."""

@@ -1,7 +1,8 @@
-"""The ``loop`` section of the run config (``preftune loop``, iterative on-policy DPO) and its checks.
+"""The on-policy sections of the run config and their checks: ``loop`` (``preftune loop``, iterative
+on-policy DPO) and ``geneval`` (a generation eval at the eval points of ``preftune train``).
 
-Imported by :mod:`preftune.config` (which re-exports `LoopConfig`), so it imports nothing heavy. The rest of
-the config is the training config of every round; :mod:`preftune.loop` sets each round's model, data and
+Imported by :mod:`preftune.config` (which re-exports both), so it imports nothing heavy. The rest of the
+config is the training config of every round; :mod:`preftune.loop` sets each round's model, data and
 output folder.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from preftune._configio import ConfigError, setting
 
-__all__ = ["LoopConfig", "check_loop"]
+__all__ = ["GenEvalConfig", "LoopConfig", "check_geneval", "check_loop"]
 
 PAIR_MODES = ("best-worst", "all")
 REFERENCES = ("round_start", "initial")
@@ -83,3 +84,35 @@ def check_loop(loop: LoopConfig) -> None:
         raise ConfigError(
             f"loop.reference: expected one of {', '.join(REFERENCES)}, got {loop.reference!r}"
         )
+
+
+@dataclass
+class GenEvalConfig:
+    prompts: list[str] = setting(
+        [],
+        "held-out prompt files: sample, judge and log at each eval point of train (train.eval_every) "
+        "and at the end ([]: off)",
+    )
+    judge: str = setting(
+        "rules:", "judge: rules:[COLUMN] | python:MODULE:FUNCTION | reward-model:PATH_OR_HUB_ID"
+    )
+    samples: int = setting(0, "sampled answers per prompt besides the greedy one")
+    temperature: float = setting(0.8, "temperature of the sampled answers")
+    max_new_tokens: int = setting(64, "longest answer, in tokens")
+    seed: int = setting(
+        1, "sampling seed (the same answers at every eval point for an unchanged model)"
+    )
+    batch_size: int = setting(16, "prompts per generation batch")
+
+
+def check_geneval(spec: GenEvalConfig) -> None:
+    """One-line ConfigErrors for values a generation eval cannot use (files are checked when read)."""
+    for key, value, low in (
+        ("samples", spec.samples, 0),
+        ("max_new_tokens", spec.max_new_tokens, 1),
+        ("batch_size", spec.batch_size, 1),
+    ):
+        if value < low:
+            raise ConfigError(f"geneval.{key}: must be >= {low}, got {value}")
+    if not (math.isfinite(spec.temperature) and spec.temperature > 0):
+        raise ConfigError(f"geneval.temperature: must be > 0 (sampling), got {spec.temperature}")

@@ -98,6 +98,7 @@ def _train(
         data = load_preference_data(cfg.data, tokenizer, seed=cfg.train.seed, unpaired=unpaired)
     if len(data.train) == 0:
         raise TrainingError(f"no training pairs left after filtering (drops: {data.drops})")
+    gen_eval = lifecycle.generation_eval(cfg, dist, run_dir)
 
     # Fresh start or resume, checked against the settings the run started with -- before any model loads,
     # so that a refused resume fails in seconds. The layout and reference key are compared once known.
@@ -205,10 +206,14 @@ def _train(
     def run_eval() -> dict[str, float]:
         if state.step not in last_eval:
             batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-            row = evaluate(
-                model, reference, data.eval, layout, objective,
-                batch_size=batch_size, device=device, autocast=autocast,
-            )  # fmt: skip
+            row = {}
+            if data.eval is not None:
+                row = evaluate(
+                    model, reference, data.eval, layout, objective,
+                    batch_size=batch_size, device=device, autocast=autocast,
+                )  # fmt: skip
+            if gen_eval is not None:
+                row.update(gen_eval(policy_model, tokenizer, state.step))
             metrics_log.log(state.step, row, split="eval")
             bar.write("eval " + metrics_log.format_line(state.step, row))
             diagnose("eval", row)
@@ -216,7 +221,8 @@ def _train(
             last_eval[state.step] = row
         return last_eval[state.step]
 
-    if cfg.train.eval_every and data.eval is not None and state.step == 0:
+    evaluating = data.eval is not None or gen_eval is not None
+    if cfg.train.eval_every and evaluating and state.step == 0:
         run_eval()  # a step-0 point: the curves start at the starting policy
 
     window_metrics = StepMetrics(device)
@@ -304,11 +310,7 @@ def _train(
                     diagnose("train", row)
                 for callback in callbacks:
                     callback.on_step_end(state.step, row, step_info)
-                if (
-                    cfg.train.eval_every
-                    and state.step % cfg.train.eval_every == 0
-                    and data.eval is not None
-                ):
+                if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and evaluating:
                     run_eval()
                 # A signal on any rank stops all of them after this step.
                 stopping = dist.any(stop.requested)
@@ -327,9 +329,7 @@ def _train(
                 state.epoch += 1
                 state.batch_in_epoch = 0
 
-        final_eval = {}
-        if data.eval is not None:
-            final_eval = run_eval()
+        final_eval = run_eval() if evaluating else {}
         last_ckpt = _save(
             run_dir, state, policy_model, optimizer, scheduler, cfg, dist, extra_models
         )

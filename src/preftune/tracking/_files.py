@@ -88,6 +88,9 @@ def format_line(step: int, metrics: Mapping[str, Any]) -> str:
         parts.append(f"grad {_fmt(m['grad_norm'], '.3g')}")
     if "learning_rate" in m:
         parts.append(f"lr {_fmt(m['learning_rate'], '.2e')}")
+    for decoding in ("greedy", "sampled"):
+        if f"geneval/{decoding}/pass_rate" in m:
+            parts.append(f"pass {decoding} {_fmt(m[f'geneval/{decoding}/pass_rate'], '.3f')}")
     toks = _first(m, TOKS_KEYS)
     if toks is not None:
         parts.append(f"{_fmt(toks, '.0f')} tok/s")
