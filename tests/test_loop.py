@@ -205,3 +205,36 @@ def test_train_with_a_generation_eval_logs_it_and_trains_the_same(setup, tmp_pat
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "geneval.judge: judge 'oracle:x': unknown kind" in err[0], err
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_answer_logps_equal_a_float64_forward_with_answers_paired(setup):
+    """Answers of one prompt share a pair (1, 2 and 3 answers: an odd one paired with itself); each sum
+    equals log π(y|x) from a plain float64 forward of prompt + answer (EOS included when sampled)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.geneval import answer_logps
+    from preftune.sampling import _prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(setup / "model")
+    model = AutoModelForCausalLM.from_pretrained(setup / "model").float()
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 40, (n,), generator=g).tolist()
+
+    rows = [
+        {"prompt": "say cat:", "completion_ids": [ids(5)]},
+        {"prompt": "now dog?", "completion_ids": [ids(3), [*ids(7), tokenizer.eos_token_id]]},
+        {"prompt": "a", "completion_ids": [ids(1), ids(4), ids(6)]},
+    ]
+    got = answer_logps(model, tokenizer, rows, chat=False, batch_size=2)
+    exact = model.double()
+    for row, values in zip(rows, got):
+        prompt = _prompt_ids(tokenizer, row["prompt"], False)
+        for answer, value in zip(row["completion_ids"], values, strict=True):
+            full = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logp = exact(full).logits.log_softmax(-1)[0, len(prompt) - 1 : -1]
+            expected = logp.gather(-1, torch.tensor(answer)[:, None]).sum().item()
+            assert value == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -69,26 +69,33 @@ def sample_answers(
 def answer_logps(
     model: Any, tokenizer: Any, rows: list[dict], *, chat: bool, batch_size: int = 16
 ) -> list[list[float]]:
-    """``log π(y | x)`` of every answer of every row (summed over the sampled ids, EOS included)."""
+    """``log π(y | x)`` of every answer of every row (summed over the sampled ids, EOS included).
+
+    Each answer is forwarded once: two answers of the same prompt go in as the chosen and rejected rows of
+    one pair (a prompt's odd answer out is paired with itself). ``batch_size``: pairs per forward."""
     from preftune.sampling import _prompt_ids
 
     layout = PaddedLayout(pad_token_id=tokenizer.pad_token_id, chunk_size=1024)
     module = layout.module(model)
     model.eval()
-    examples, where = [], []
+    examples, where = [], []  # where: (row, answer of the chosen side, answer of the rejected side)
     for r, row in enumerate(rows):
         prompt_ids = _prompt_ids(tokenizer, row["prompt"], chat)
-        for k, ids in enumerate(row["completion_ids"]):
-            # A pair's rejected side is unused here: the answer again (one batch row more, no branch).
-            examples.append({"prompt_ids": prompt_ids, "chosen_ids": ids, "rejected_ids": ids})
-            where.append((r, k))
+        ids = row["completion_ids"]
+        for k in range(0, len(ids), 2):
+            j = k + 1 if k + 1 < len(ids) else k
+            examples.append(
+                {"prompt_ids": prompt_ids, "chosen_ids": ids[k], "rejected_ids": ids[j]}
+            )
+            where.append((r, k, j))
     out: list[list[float]] = [[0.0] * len(row["completion_ids"]) for row in rows]
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = layout.collate(examples[start : start + batch_size]).to(device)
-        logps = layout.logps(module, batch).chosen_logps.tolist()
-        for (r, k), value in zip(where[start : start + batch_size], logps):
-            out[r][k] = value
+        logps = layout.logps(module, batch)
+        values = zip(logps.chosen_logps.tolist(), logps.rejected_logps.tolist())
+        for (r, k, j), (chosen, rejected) in zip(where[start : start + batch_size], values):
+            out[r][k], out[r][j] = chosen, rejected
     return out
 
 
@@ -120,6 +127,7 @@ def generation_eval(
     """
     out_dir, reference_dir = Path(out_dir), Path(reference_dir or out_dir)
     metrics: dict[str, float] = {}
+    kl_rows: dict[str, list[dict]] = {}  # decoding -> the policy's answers, for one pooled KL pass
     for name, settings in decodings.items():
         # The model against itself (a loop's round 0): its answers are the reference's, kept for later.
         same = reference is policy
@@ -159,13 +167,36 @@ def generation_eval(
                     if s is not None and r is not None:
                         wins.append(1.0 if s > r else 0.5 if s == r else 0.0)
             m["win_rate"] = _mean(wins)
-            pol = answer_logps(policy, tokenizer, rows, chat=settings.chat, batch_size=batch_size)
-            ref = answer_logps(
-                reference, tokenizer, rows, chat=settings.chat, batch_size=batch_size
-            )
-            m["kl"] = _mean([p - q for ps, qs in zip(pol, ref) for p, q in zip(ps, qs)])
+            kl_rows[name] = rows
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    for name, ratios in _log_ratios(policy, reference, tokenizer, kl_rows, decodings, batch_size):
+        metrics[f"{name}/kl"] = _mean(ratios)
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}
+
+
+def _log_ratios(policy, reference, tokenizer, kl_rows, decodings, batch_size):
+    """``(decoding, [log π − log π_ref per answer])``: the answers of every decoding of a prompt pooled, so
+    that they pair up in :func:`answer_logps` (greedy + 2 sampled: 2 pairs per prompt instead of 3)."""
+    by_chat: dict[bool, list[str]] = {}
+    for name in kl_rows:
+        by_chat.setdefault(decodings[name].chat, []).append(name)
+    for chat, names in by_chat.items():
+        pooled = []
+        for rows in zip(*(kl_rows[n] for n in names), strict=True):
+            if len({r["index"] for r in rows}) != 1:
+                raise ValueError("generation eval: the decodings' answer files hold other prompts")
+            ids = [a for r in rows for a in r["completion_ids"]]
+            pooled.append({"prompt": rows[0]["prompt"], "completion_ids": ids})
+        pol = answer_logps(policy, tokenizer, pooled, chat=chat, batch_size=batch_size)
+        ref = answer_logps(reference, tokenizer, pooled, chat=chat, batch_size=batch_size)
+        ratios = {n: [] for n in names}
+        for i, (ps, qs) in enumerate(zip(pol, ref)):
+            k = 0
+            for n in names:
+                count = len(kl_rows[n][i]["completion_ids"])
+                ratios[n].extend(p - q for p, q in zip(ps[k : k + count], qs[k : k + count]))
+                k += count
+        yield from ratios.items()
 
 
 class TrainingGenEval:

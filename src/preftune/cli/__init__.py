@@ -114,13 +114,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each line, not as it was when the handler was made: a caller that
+    redirects stderr (``contextlib.redirect_stderr``, a notebook, a test's capture) gets preftune's lines, and
+    one that closed its stream gets no logging error."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """preftune's own INFO lines (the layout a run uses, caches hit, resumes) as ``preftune: ...`` on
     stderr; on rank 0 only under torchrun. Library users keep their own logging configuration."""
     logger = logging.getLogger("preftune")
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
