@@ -116,14 +116,15 @@ def test_parse_each_subcommand():
         1,
     )
 
-    # --beta unset: the loss registry's default, read when the command runs (tests/test_cli_evaluate.py)
+    # --beta and --batch-size unset: resolved when the command runs (the loss registry's beta; 8 pairs or 16
+    # generation prompts: tests/test_cli_evaluate.py, tests/test_loop.py)
     a = cli._parse(["eval", "--model", "m", "--data", "d.jsonl", "--ref", "r", "--json"])
     assert (a.model, a.ref, a.data, a.beta, a.batch_size, a.max_length, a.json) == (
         "m",
         "r",
         "d.jsonl",
         None,
-        8,
+        None,
         1024,
         True,
     )
