@@ -238,3 +238,21 @@ def test_answer_logps_equal_a_float64_forward_with_answers_paired(setup):
                 logp = exact(full).logits.log_softmax(-1)[0, len(prompt) - 1 : -1]
             expected = logp.gather(-1, torch.tensor(answer)[:, None]).sum().item()
             assert value == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("geneval.samples=-1", "geneval.samples: must be >= 0, got -1"),
+        ("geneval.max_new_tokens=0", "geneval.max_new_tokens: must be >= 1, got 0"),
+        ("geneval.temperature=0", "geneval.temperature: must be > 0 (sampling), got 0.0"),
+        ("loop.samples=1", "loop.samples: must be >= 2, got 1"),
+        ("loop.eval_temperature=nan", "loop.eval_temperature: must be > 0 (sampling), got nan"),
+    ],
+)
+def test_geneval_and_loop_settings_are_checked(override, message):
+    from preftune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message

@@ -38,7 +38,13 @@ from preftune.model import PaddedLayout
 from preftune.pairs import read_samples
 from preftune.sampling import HFGenerator, PromptRecord, SamplingSettings, sample_to_file
 
-__all__ = ["TrainingGenEval", "answer_logps", "generation_eval", "sample_answers"]
+__all__ = [
+    "TrainingGenEval",
+    "answer_logps",
+    "eval_decodings",
+    "generation_eval",
+    "sample_answers",
+]
 
 
 def sample_answers(
@@ -105,6 +111,22 @@ def _words(text: str) -> int:
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def eval_decodings(
+    *, chat: bool, max_new_tokens: int, samples: int, temperature: float, seed: int
+) -> dict[str, SamplingSettings]:
+    """A generation eval's decodings: ``greedy`` (one answer per prompt) and, with ``samples`` > 0,
+    ``sampled`` (``samples`` answers per prompt at ``temperature``, seeded by ``seed``)."""
+    greedy = SamplingSettings(
+        num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0, chat=chat
+    )
+    decodings = {"greedy": greedy}
+    if samples:
+        decodings["sampled"] = replace(
+            greedy, num_samples=samples, temperature=temperature, seed=seed
+        )
+    return decodings
 
 
 def generation_eval(
@@ -214,15 +236,10 @@ class TrainingGenEval:
 
     def __call__(self, model: Any, tokenizer: Any, step: int) -> dict[str, float]:
         spec = self.spec
-        chat = bool(getattr(tokenizer, "chat_template", None))
-        greedy = SamplingSettings(
-            num_samples=1, temperature=0.0, max_new_tokens=spec.max_new_tokens, chat=chat
-        )
-        decodings = {"greedy": greedy}
-        if spec.samples:
-            decodings["sampled"] = replace(
-                greedy, num_samples=spec.samples, temperature=spec.temperature, seed=spec.seed
-            )
+        decodings = eval_decodings(
+            chat=bool(getattr(tokenizer, "chat_template", None)), max_new_tokens=spec.max_new_tokens,
+            samples=spec.samples, temperature=spec.temperature, seed=spec.seed,
+        )  # fmt: skip
         was_training = model.training
         # Sampling draws from its own seeded generators; fork_rng keeps a stray draw off the training stream.
         devices = (

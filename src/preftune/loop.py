@@ -78,22 +78,17 @@ def _load(path: str, cfg: Config, device):
 
 
 def _settings(loop: LoopConfig, seed: int, *, chat: bool):
+    from preftune.geneval import eval_decodings
     from preftune.sampling import SamplingSettings
 
     train = SamplingSettings(
         num_samples=loop.samples, temperature=loop.temperature, top_p=loop.top_p,
         top_k=loop.top_k, max_new_tokens=loop.max_new_tokens, seed=seed, chat=chat,
     )  # fmt: skip
-    decodings = {
-        "greedy": SamplingSettings(
-            num_samples=1, temperature=0.0, max_new_tokens=loop.max_new_tokens, seed=0, chat=chat
-        )
-    }
-    if loop.eval_samples:
-        decodings["sampled"] = SamplingSettings(
-            num_samples=loop.eval_samples, temperature=loop.eval_temperature,
-            max_new_tokens=loop.max_new_tokens, seed=1, chat=chat,
-        )  # fmt: skip
+    decodings = eval_decodings(
+        chat=chat, max_new_tokens=loop.max_new_tokens, samples=loop.eval_samples,
+        temperature=loop.eval_temperature, seed=1,
+    )  # fmt: skip
     return train, decodings
 
 

@@ -55,21 +55,11 @@ class LoopConfig:
 
 def check_loop(loop: LoopConfig) -> None:
     """One-line ConfigErrors for values a loop cannot use (files are checked when read)."""
-    for key, value, low in (
-        ("rounds", loop.rounds, 0),
-        ("samples", loop.samples, 2),
-        ("max_new_tokens", loop.max_new_tokens, 1),
-        ("batch_size", loop.batch_size, 1),
-        ("eval_samples", loop.eval_samples, 0),
-    ):
-        if value < low:
-            raise ConfigError(f"loop.{key}: must be >= {low}, got {value}")
-    for key, value in (
-        ("temperature", loop.temperature),
-        ("eval_temperature", loop.eval_temperature),
-    ):
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"loop.{key}: must be > 0 (sampling), got {value}")
+    _check_ranges(
+        "loop", loop,
+        floors={"rounds": 0, "samples": 2, "max_new_tokens": 1, "batch_size": 1, "eval_samples": 0},
+        temperatures=("temperature", "eval_temperature"),
+    )  # fmt: skip
     if not 0.0 < loop.top_p <= 1.0:
         raise ConfigError(f"loop.top_p: must be in (0, 1], got {loop.top_p}")
     if loop.top_k < 0:
@@ -107,12 +97,17 @@ class GenEvalConfig:
 
 def check_geneval(spec: GenEvalConfig) -> None:
     """One-line ConfigErrors for values a generation eval cannot use (files are checked when read)."""
-    for key, value, low in (
-        ("samples", spec.samples, 0),
-        ("max_new_tokens", spec.max_new_tokens, 1),
-        ("batch_size", spec.batch_size, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"geneval.{key}: must be >= {low}, got {value}")
-    if not (math.isfinite(spec.temperature) and spec.temperature > 0):
-        raise ConfigError(f"geneval.temperature: must be > 0 (sampling), got {spec.temperature}")
+    _check_ranges(
+        "geneval", spec, floors={"samples": 0, "max_new_tokens": 1, "batch_size": 1},
+        temperatures=("temperature",),
+    )  # fmt: skip
+
+
+def _check_ranges(section: str, spec, *, floors: dict[str, int], temperatures: tuple[str, ...]):
+    for key, low in floors.items():
+        if getattr(spec, key) < low:
+            raise ConfigError(f"{section}.{key}: must be >= {low}, got {getattr(spec, key)}")
+    for key in temperatures:
+        value = getattr(spec, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{section}.{key}: must be > 0 (sampling), got {value}")

@@ -181,14 +181,11 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 def cmd_geneval(args: argparse.Namespace) -> int:
     """``preftune geneval``: sample on held-out prompts, judge, compare with a reference model."""
-    from dataclasses import replace
-
-    from preftune.sampling import SamplingSettings
 
     if args.samples < 0:
         raise UsageError(f"--samples must be >= 0, got {args.samples}")
     try:
-        from preftune.geneval import generation_eval
+        from preftune.geneval import eval_decodings, generation_eval
         from preftune.judges import load_judge
         from preftune.model import load_model, load_tokenizer, resolve_device, resolve_source
         from preftune.sampling import read_prompts
@@ -206,15 +203,11 @@ def cmd_geneval(args: argparse.Namespace) -> int:
         if args.ref
         else None
     )
-    chat = bool(getattr(tokenizer, "chat_template", None)) and args.chat != "off"
-    greedy = SamplingSettings(
-        num_samples=1, temperature=0.0, max_new_tokens=args.max_new_tokens, chat=chat
-    )
-    decodings = {"greedy": greedy}
-    if args.samples:
-        decodings["sampled"] = replace(
-            greedy, num_samples=args.samples, temperature=args.temperature, seed=args.seed
-        )
+    decodings = eval_decodings(
+        chat=bool(getattr(tokenizer, "chat_template", None)) and args.chat != "off",
+        max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
+        seed=args.seed,
+    )  # fmt: skip
     metrics = generation_eval(
         policy, tokenizer, prompts, judge, decodings=decodings, out_dir=Path(args.out),
         reference=reference, batch_size=args.batch_size, progress=not args.no_progress,
