@@ -323,12 +323,14 @@ def test_sigint_checkpoints_and_exits_130_then_resumes(resumable, monkeypatch):
 
     step.calls = 0
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    # What the run must put back (the default handler in a terminal; SIG_IGN in a background job).
+    before = signal.getsignal(signal.SIGINT)
     code, err = resumable("train.save_every=null", "train.max_steps=3")
     assert code == 130, err
     assert "preftune: interrupted: stopped by SIGINT after step 2" in err
     assert "train.resume=auto" in err
     assert f"last checkpoint: {resumable.run_dir / 'checkpoints' / 'step-00000002'}" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     code, err = resumable("train.save_every=null", "train.max_steps=3")
