@@ -64,6 +64,10 @@ def test_sampling_is_seeded_and_chat_uses_the_template(loaded):
     assert generate(model, tok, prompts, seed=1, **kwargs) == generate(
         model, tok, prompts, seed=1, **kwargs
     )
+    # each prompt draws its own noise: a batch of two samples what two batches of one do
+    assert generate(model, tok, prompts, seed=1, batch_size=2, **kwargs) == generate(
+        model, tok, prompts, seed=1, batch_size=1, **kwargs
+    )
     assert len(generate(model, tok, ["hi"], max_new_tokens=3, chat=True)) == 1
     template = tok.chat_template
     try:

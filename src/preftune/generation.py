@@ -1,7 +1,7 @@
 """Prompt -> text generation with a model folder, .gguf file or Hub id (used by ``preftune generate``).
 
-fp32 on CPU, batched, left-padded so that every row's prompt ends at the same position and generation
-continues from real tokens. Temperature 0 means greedy decoding.
+fp32 on CPU; the decoding is ``preftune sample``'s (:mod:`preftune.sampling`), one answer per prompt.
+Temperature 0 means greedy decoding.
 """
 
 from __future__ import annotations
@@ -67,39 +67,23 @@ def generate(
     chat: bool = False,
     batch_size: int = 8,
 ) -> list[str]:
-    """One completion per prompt (special tokens stripped). ``temperature == 0`` decodes greedily."""
-    import torch
+    """One completion per prompt (special tokens stripped), decoded as ``preftune sample`` decodes
+    (:class:`preftune.sampling.HFGenerator`: batched, left-padded, KV-cached; ``temperature == 0`` is greedy,
+    else prompt ``i`` is sampled with the noise of ``(seed, i)``, so batching does not change it)."""
+    from preftune.sampling import HFGenerator, SamplingSettings, _prompt_ids
 
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; drop --chat")
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    else:
-        texts = list(prompts)
-    tokenizer.padding_side = "left"
-    sampling: dict[str, Any] = {"do_sample": False}
-    if temperature > 0:
-        # top_k=0 switches off a top-k the model's generation_config may carry: the flags decide.
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    torch.manual_seed(seed)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; drop --chat")
+    settings = SamplingSettings(
+        num_samples=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        seed=seed, chat=chat,
+    )  # fmt: skip
+    settings.check()
+    generator = HFGenerator(model, tokenizer, settings)
+    ids = [_prompt_ids(tokenizer, p, chat) for p in prompts]
     out: list[str] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        # A chat template already contains BOS and the role markers.
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat)
-        enc = enc.to(model.device)
-        with torch.no_grad():
-            ids = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-        new = ids[:, enc["input_ids"].shape[1] :]  # [b, new_tokens]: left padding aligns prompts
-        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    for start in range(0, len(ids), batch_size):
+        batch = list(range(start, min(start + batch_size, len(ids))))
+        for (answer,) in generator([ids[i] for i in batch], batch):
+            out.append(tokenizer.decode(answer, skip_special_tokens=True))
     return out
