@@ -144,25 +144,17 @@ def test_demo_quick_writes_a_finite_report(capsys, tmp_path):
 def resumable(tiny, tmp_path, capsys, monkeypatch):
     """``go(*overrides) -> (code, err)``: `preftune train` of the tiny config into ``tmp_path/run``,
     checkpointing every step (two steps unless told otherwise)."""
-    import logging
-
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     base = [f"train.output_dir={run_dir}", "train.save_every=1", "train.max_steps=2"]
 
     def go(*overrides: str) -> tuple[int, str]:
-        logger = logging.getLogger("preftune")  # bind preftune's log lines to this capture
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
         code, _, err = run(capsys, "train", str(tiny["config"]), *base, *overrides)
         assert "Traceback" not in err
         return code, err
 
     go.run_dir = run_dir
-    yield go
-    logger = logging.getLogger("preftune")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+    return go
 
 
 def _rows(run_dir: Path, split: str = "train") -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,17 +22,6 @@ def good(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("good")
     make_tiny_llama(root / "model", layers=1, hidden=16)
     return {"model": root / "model", "data": write_jsonl(root / "pairs.jsonl", toy_pairs(8))}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    """preftune's log handler binds the stderr of the first main() call; bind it to this test's."""
-    logger = logging.getLogger("preftune")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
 
 
 def _model_variant(tmp: Path, good: dict, change) -> Path:

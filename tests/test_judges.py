@@ -5,7 +5,6 @@ per sample, reported with the prompt index and counted, and one-line errors for 
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
@@ -189,8 +188,6 @@ def test_reward_model_needs_one_label(tmp_path):
 
 
 def test_cli_judge_writes_scores_and_reports_failures(tmp_path, capsys):
-    for handler in list(logging.getLogger("preftune").handlers):
-        logging.getLogger("preftune").removeHandler(handler)
     rows = _rows(2, rules=["lowercase"])
     rows[0]["completions"] = ["fine", "Not fine"]
     rows[1]["fields"] = {"rules": "not json"}

@@ -5,7 +5,6 @@ preftune's own data loader, weights included), and one-line CLI errors."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -107,12 +106,6 @@ def test_pair_file_shape_follows_the_prompts_and_trains(tmp_path):
         assert weights == [p["weight"] for p in (pairs[:2] if n == 2 else pairs[2:])]
     text = tokenizer.decode(data.train[0]["chosen_ids"], skip_special_tokens=True)
     assert text.replace(" ", "") == "answer2.0"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    for handler in list(logging.getLogger("preftune").handlers):
-        logging.getLogger("preftune").removeHandler(handler)
 
 
 def _cli(capsys, *argv):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -32,15 +31,6 @@ PROMPTS = ["hello", "what is 2+2?", "a", "the quick brown fox", "zz", "ok then",
 def tiny(tiny_dir):
     model, tokenizer = load_for_generation(tiny_dir)
     return tiny_dir, model, tokenizer
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    """preftune's log handler binds the stderr of the first main() call; bind it to this test's."""
-    logger = logging.getLogger("preftune")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    yield
 
 
 def _records(texts=PROMPTS) -> list[PromptRecord]:
