@@ -19,6 +19,7 @@ from compare_plan import EXACT_TARGET, GIB, REPO, Row, target_for
 __all__ = [
     "environment",
     "markdown",
+    "neighbour_ratios",
     "summarize_exact",
     "summarize_row",
     "summarize_run",
@@ -94,22 +95,26 @@ def summarize_row(row: Row, runs: list[dict]) -> dict:
     if len(row.systems) < 2:
         return out
     seq = [r for r in runs if "error" not in r["summary"]]
-    tput, norm, rss = [], [], []
+    ratios = neighbour_ratios(seq, ("tokens_per_s", "tokens_per_s_per_gflops", "peak_rss_gib"))
+    out["ratios"] = {
+        "tokens_per_s": _stats(ratios["tokens_per_s"]),
+        "tokens_per_s_probe_normalized": _stats(ratios["tokens_per_s_per_gflops"]),
+        "peak_rss": _stats(ratios["peak_rss_gib"]),
+    }
+    return out
+
+
+def neighbour_ratios(seq: list[dict], keys: tuple[str, ...]) -> dict[str, list[float]]:
+    """preftune ÷ the other system, per summary key, over each neighbouring pair of runs of ``seq`` (runs
+    in the order they ran, two systems); a pair where either value is missing or zero gives no ratio."""
+    out: dict[str, list[float]] = {k: [] for k in keys}
     for a, b in itertools.pairwise(seq):
         if a["system"] == b["system"]:
             continue
         p, t = (a, b) if a["system"] == "preftune" else (b, a)
-        ps, ts = p["summary"], t["summary"]
-        tput.append(ps["tokens_per_s"] / ts["tokens_per_s"])
-        if ps["tokens_per_s_per_gflops"] and ts["tokens_per_s_per_gflops"]:
-            norm.append(ps["tokens_per_s_per_gflops"] / ts["tokens_per_s_per_gflops"])
-        if ts["peak_rss_gib"]:
-            rss.append(ps["peak_rss_gib"] / ts["peak_rss_gib"])
-    out["ratios"] = {
-        "tokens_per_s": _stats(tput),
-        "tokens_per_s_probe_normalized": _stats(norm),
-        "peak_rss": _stats(rss),
-    }
+        for key in keys:
+            if p["summary"][key] and t["summary"][key]:
+                out[key].append(p["summary"][key] / t["summary"][key])
     return out
 
 

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import functools
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -57,6 +56,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import compare  # noqa: E402  (stdlib + _common only: the parent never imports torch)
+import compare_report  # noqa: E402
 import compare_workers  # noqa: E402
 from _common import (  # noqa: E402
     MODELS,
@@ -839,17 +839,12 @@ def summarize_row(row: dict, settings: dict, meta: dict, peak_flops: float | Non
         if other == "preftune":
             continue
         seq = [r for r in ok if r["system"] in ("preftune", other)]
-        tput, mem = [], []
-        for a, b in itertools.pairwise(seq):
-            if a["system"] == b["system"]:
-                continue
-            p, t = (a, b) if a["system"] == "preftune" else (b, a)
-            ps, ts = p["summary"], t["summary"]
-            tput.append(ps["tokens_per_s"] / ts["tokens_per_s"])
-            if ps["peak_mem_gib"] and ts["peak_mem_gib"]:
-                mem.append(ps["peak_mem_gib"] / ts["peak_mem_gib"])
-        if tput:
-            out["ratios"][other] = {"tokens_per_s": stats(tput), "peak_mem": stats(mem)}
+        ratios = compare_report.neighbour_ratios(seq, ("tokens_per_s", "peak_mem_gib"))
+        if ratios["tokens_per_s"]:
+            out["ratios"][other] = {
+                "tokens_per_s": stats(ratios["tokens_per_s"]),
+                "peak_mem": stats(ratios["peak_mem_gib"]),
+            }
     return out
 
 
