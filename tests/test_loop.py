@@ -256,3 +256,25 @@ def test_geneval_and_loop_settings_are_checked(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value) == message
+
+
+def test_training_generation_eval_leaves_train_mode_and_the_rng_as_they_were(setup, tmp_path):
+    """The eval samples in eval mode (``sample_answers`` switches it) and must hand the policy back in train
+    mode, with the training RNG where it was."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.geneval import TrainingGenEval
+    from preftune.loopspec import GenEvalConfig
+
+    spec = GenEvalConfig(
+        prompts=[str(setup / "heldout.jsonl")], judge=f"python:{setup / 'judge_a.py'}:score",
+        samples=2, max_new_tokens=3,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(setup / "model").train()
+    tokenizer = AutoTokenizer.from_pretrained(setup / "model")
+    rng = torch.get_rng_state()
+    metrics = TrainingGenEval(spec, tmp_path)(model, tokenizer, step=5)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert metrics["geneval/sampled/answers"] == 8
+    assert (tmp_path / "geneval" / "step-5" / "policy-greedy.jsonl").is_file()
