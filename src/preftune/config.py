@@ -189,6 +189,11 @@ class TrainConfig:
         False, "skip steps with a non-finite loss or gradient instead of stopping"
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    keep_freed_memory: bool = _f(
+        True,
+        "on CPU (Linux, glibc): keep memory freed during a step for the next instead of returning it "
+        "to the kernel (fresh pages cost ~7 % of a step; peak memory unchanged)",
+    )
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
     prefix_sharing: bool | None = _f(
         None,
