@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from preftune.logprobs import (
     chunked_sequence_logps,
@@ -237,9 +238,12 @@ def test_chunked_sequence_logps_matches_float64_bruteforce(chunk, use_bias, scal
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 2**20])
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 64])
 @pytest.mark.parametrize(("use_bias", "scale", "softcap"), HEAD_VARIANTS)
-def test_selected_token_logps_matches_float64_bruteforce(chunk_size, use_bias, scale, softcap):
+def test_selected_token_logps_matches_float64_bruteforce(
+    chunk_size, use_bias, scale, softcap, keep_bytes
+):
     gen = torch.Generator().manual_seed(2)
     n_tok, hidden, vocab = 7, 5, 11
     h = torch.randn(n_tok, hidden, generator=gen) * 2
@@ -257,6 +261,7 @@ def test_selected_token_logps_matches_float64_bruteforce(chunk_size, use_bias, s
         logit_scale=scale,
         logit_softcap=softcap,
         chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
     )
     logits64 = brute_logits(
         leaves64[0], leaves64[1], leaves64[2] if use_bias else None, scale, softcap
@@ -268,8 +273,50 @@ def test_selected_token_logps_matches_float64_bruteforce(chunk_size, use_bias, s
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
+class _CountGemms(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.gemms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.gemms += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("keep_bytes", "softcap", "backward_gemms"),
+    [
+        (
+            7 * 11 * 4,
+            None,
+            2 * 3,
+        ),  # N x V fp32 = 308 B fits: grad_h and grad_W per chunk of 3 (3 chunks)
+        (7 * 11 * 4 - 1, None, 3 * 3),  # one byte short: the logits are recomputed as well
+        (2**20, 30.0, 3 * 3),  # a soft-cap's backward needs tanh(z): always recomputed
+        (0, None, 3 * 3),
+    ],
+)
+def test_the_kept_softmax_saves_one_gemm_per_chunk_in_backward(keep_bytes, softcap, backward_gemms):
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(7, 5, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 5, generator=gen, requires_grad=True)
+    labels = torch.randint(11, (7,), generator=gen)
+    out = selected_token_logps(
+        h, weight, labels, logit_softcap=softcap, chunk_size=3, keep_bytes=keep_bytes
+    )
+    with _CountGemms() as count:
+        out.sum().backward()
+    assert count.gemms == backward_gemms
+    with torch.no_grad():  # nothing to keep for without a backward; the values are the same
+        torch.testing.assert_close(
+            selected_token_logps(h, weight, labels, logit_softcap=softcap, chunk_size=3), out
+        )
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**20])
 @pytest.mark.parametrize(("use_bias", "scale", "softcap"), HEAD_VARIANTS)
-def test_gradcheck_float64(use_bias, scale, softcap):
+def test_gradcheck_float64(use_bias, scale, softcap, keep_bytes):
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -285,9 +332,12 @@ def test_gradcheck_float64(use_bias, scale, softcap):
             logit_scale=scale,
             logit_softcap=softcap,
             chunk_size=2,
+            keep_bytes=keep_bytes,
         )
 
-    assert torch.autograd.gradcheck(fn, (h, weight, bias))
+    # A kept softmax is consumed by the first backward; gradcheck's repeated backwards recompute it, equal
+    # up to float64 rounding (nondet_tol), not bitwise.
+    assert torch.autograd.gradcheck(fn, (h, weight, bias), nondet_tol=1e-12 if keep_bytes else 0.0)
 
     hs = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(6, (2, 4), generator=gen)

@@ -195,6 +195,11 @@ class TrainConfig:
         "to the kernel (fresh pages cost ~7 % of a step; peak memory unchanged)",
     )
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
+    keep_softmax_mb: int = _f(
+        512,
+        "when the policy's response tokens x vocab fp32 fit this many MiB, the LM head keeps its "
+        "softmax from forward to backward instead of recomputing the logits there; 0 = always recompute",
+    )
     prefix_sharing: bool | None = _f(
         None,
         "compute the prompt once for chosen and rejected: null = where a setup probe proves it exact "

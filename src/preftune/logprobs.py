@@ -17,7 +17,10 @@ only the response positions through the LM head, in chunks of ``chunk_size`` tok
 ``logit[label] - logsumexp(logits)`` per chunk in fp32 and keeps only one number per token (plus the
 log-sum-exp). Backward recomputes each chunk's logits from the saved hidden states and accumulates the
 gradients of the hidden states, the LM-head weight and bias. The largest temporary is one ``chunk x V`` fp32
-buffer (two with a soft-cap), in forward and in backward alike. :func:`sequence_logps` is the plain
+buffer (two with a soft-cap), in forward and in backward alike. When gradients are needed and the whole
+``N x V`` fits ``keep_bytes`` (``train.keep_softmax_mb``), forward keeps ``exp(z - max z)`` of every
+token instead, and backward starts from it: one LM-head GEMM and one ``exp`` pass less per step, for
+``N x V`` fp32 held from forward to backward. :func:`sequence_logps` is the plain
 reference implementation from full logits, used by tests and for models whose head cannot be split off.
 
 Logit transform (as in HF models): ``logits = (h @ W.T + b) * logit_scale``, then
@@ -154,31 +157,38 @@ class _SelectedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, logit_scale, logit_softcap, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, logit_scale, logit_softcap, chunk_size, keep):
         dtype = _compute_dtype(hidden, weight, bias)
         n, vocab = hidden.shape[0], weight.shape[0]
         weight_t = weight.to(dtype).t()  # [H, V] view (a copy only for bf16/fp16 weights)
         bias_c = None if bias is None else bias.to(dtype)
         token_logps = torch.empty(n, dtype=dtype, device=hidden.device)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
-        buf = torch.empty(min(chunk_size, n), vocab, dtype=dtype, device=hidden.device)
+        # keep: every token's exp(z - max) stays for backward, with its sum; else one chunk is reused.
+        buf = torch.empty(
+            n if keep else min(chunk_size, n), vocab, dtype=dtype, device=hidden.device
+        )
+        sumexp = torch.empty(n, dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end].to(dtype)
+            out = buf[start:end] if keep else buf[: end - start]
             if logit_softcap is None:
-                z = _chunk_logits(buf[: end - start], h, weight_t, bias_c, logit_scale)
+                z = _chunk_logits(out, h, weight_t, bias_c, logit_scale)
             else:  # c * tanh(s * u / c), same rounding as in backward
-                z = _chunk_logits(
-                    buf[: end - start], h, weight_t, bias_c, logit_scale / logit_softcap
-                )
+                z = _chunk_logits(out, h, weight_t, bias_c, logit_scale / logit_softcap)
                 z.tanh_().mul_(logit_softcap)
             selected = z.gather(1, labels[start:end].unsqueeze(1)).squeeze(1)
             # In-place logsumexp: z <- exp(z - max), no second chunk x V buffer.
             zmax = z.amax(dim=1, keepdim=True)
-            chunk_lse = z.sub_(zmax).exp_().sum(dim=1).log_().add_(zmax.squeeze(1))
+            chunk_sum = z.sub_(zmax).exp_().sum(dim=1)
+            if keep:
+                sumexp[start:end] = chunk_sum
+            chunk_lse = chunk_sum.log_().add_(zmax.squeeze(1))
             lse[start:end] = chunk_lse
             token_logps[start:end] = selected - chunk_lse
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.kept = (buf, sumexp) if keep else None
         ctx.logit_scale = logit_scale
         ctx.logit_softcap = logit_softcap
         ctx.chunk_size = chunk_size
@@ -189,6 +199,7 @@ class _SelectedTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         scale, softcap, chunk_size = ctx.logit_scale, ctx.logit_softcap, ctx.chunk_size
+        kept, ctx.kept = ctx.kept, None  # [N, V] exp(z - max z) and [N] its row sums, or None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = lse.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -198,7 +209,7 @@ class _SelectedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_b else None
         m = min(chunk_size, n)
-        buf = torch.empty(m, vocab, dtype=dtype, device=hidden.device)
+        buf = None if kept else torch.empty(m, vocab, dtype=dtype, device=hidden.device)
         tbuf = (
             torch.empty(m, vocab, dtype=dtype, device=hidden.device)
             if softcap is not None
@@ -211,16 +222,20 @@ class _SelectedTokenLogps(torch.autograd.Function):
             h = hidden[start:end].to(dtype)
             g = grad_out[start:end]  # [rows]
             lab = labels[start:end].unsqueeze(1)
-            if softcap is None:
+            g_eff = g * scale
+            if kept:  # softmax = exp(z - max) / sum, the division folded into the -g scaling below
+                p, minus_g = kept[0][start:end], -g_eff / kept[1][start:end]
+            elif softcap is None:
                 p = _chunk_logits(buf[:rows], h, weight_c.t(), bias_c, scale)
                 p.sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax, in place
+                minus_g = -g_eff
             else:
                 t = _chunk_logits(tbuf[:rows], h, weight_c.t(), bias_c, scale / softcap).tanh_()
                 p = torch.mul(t, softcap, out=buf[:rows])
                 p.sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax of the capped logits
+                minus_g = -g_eff
             # dL/du = s * g * (onehot - p) [* (1 - t^2)], built in place in p.
-            g_eff = g * scale
-            p.mul_(-g_eff.unsqueeze(1))
+            p.mul_(minus_g.unsqueeze(1))
             p.scatter_add_(1, lab, g_eff.unsqueeze(1))
             if softcap is not None:
                 p.mul_(t.square_().neg_().add_(1.0))  # tanh' = 1 - t^2
@@ -236,7 +251,7 @@ class _SelectedTokenLogps(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def selected_token_logps(
@@ -248,6 +263,7 @@ def selected_token_logps(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_bytes: int = 0,
 ) -> Tensor:
     """Per-token log-probs ``log softmax(z)[label]`` of already-selected positions, chunked over tokens.
 
@@ -259,10 +275,14 @@ def selected_token_logps(
         logit_scale: multiplies the logits (e.g. Cohere); 1.0 for most models.
         logit_softcap: ``c`` in ``c * tanh(z / c)`` (e.g. Gemma 2), applied after the scale; None for none.
         chunk_size: tokens per chunk; peak extra memory is ``chunk_size x V`` fp32 (twice with a soft-cap).
+        keep_bytes: when a gradient is needed, there is no soft-cap and ``N x V`` in the compute dtype
+            fits this many bytes, forward keeps every token's ``exp(z - max z)`` for backward instead of
+            backward recomputing the logits (0: always recompute). The first backward consumes it; a
+            second one over the same graph (``retain_graph``) recomputes.
 
     Returns:
         ``[N]`` per-token log-probs in fp32 (float64 for float64 inputs). Differentiable w.r.t. ``hidden``,
-        ``lm_head_weight`` and ``lm_head_bias``; backward recomputes each chunk's logits.
+        ``lm_head_weight`` and ``lm_head_bias``; backward recomputes each chunk's logits unless kept.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
@@ -274,7 +294,16 @@ def selected_token_logps(
     _validate_head_args(
         hidden, lm_head_weight, lm_head_bias, logit_scale, logit_softcap, chunk_size
     )
+    if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0:
+        raise ValueError(f"keep_bytes must be an int >= 0, got {keep_bytes!r}")
     logit_softcap = None if logit_softcap is None else float(logit_softcap)
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
+    )
+    itemsize = _compute_dtype(hidden, lm_head_weight, lm_head_bias).itemsize
+    kept_bytes = hidden.shape[0] * lm_head_weight.shape[0] * itemsize
+    # A soft-cap's backward needs tanh(z) as well: it always recomputes.
+    keep = grads and logit_softcap is None and kept_bytes <= keep_bytes
     return _SelectedTokenLogps.apply(
         hidden,
         lm_head_weight,
@@ -283,6 +312,7 @@ def selected_token_logps(
         float(logit_scale),
         logit_softcap,
         chunk_size,
+        keep,
     )
 
 
@@ -332,6 +362,7 @@ def chunked_sequence_logps(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_bytes: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Same result as ``sequence_logps(lm_head(hidden_states), ...)`` without any ``[B, T, V]`` tensor.
 
@@ -341,7 +372,7 @@ def chunked_sequence_logps(
 
     Args:
         hidden_states: ``[B, T, H]`` last hidden states (after the final norm).
-        lm_head_weight, lm_head_bias, logit_scale, logit_softcap, chunk_size: see
+        lm_head_weight, lm_head_bias, logit_scale, logit_softcap, chunk_size, keep_bytes: see
             :func:`selected_token_logps`.
         input_ids: ``[B, T]``; any value is allowed where the mask is 0.
         completion_mask: ``[B, T]``, nonzero at response tokens.
@@ -375,5 +406,6 @@ def chunked_sequence_logps(
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
         chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
     )
     return segment_sum(token_logps, rows, batch), mask.sum(-1, dtype=torch.int64)

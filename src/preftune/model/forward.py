@@ -95,10 +95,13 @@ def _prefix_sums(token_logps: Tensor, seq: Tensor, rank: Tensor, n_tokens: Tenso
 
 
 class _LogpsModule(nn.Module):
-    def __init__(self, model: nn.Module, *, chunk_size: int, extras: Iterable[str] = ()):
+    def __init__(
+        self, model: nn.Module, *, chunk_size: int, keep_bytes: int = 0, extras: Iterable[str] = ()
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.keep_bytes = keep_bytes
         self.extras = frozenset(extras)
         unknown = self.extras - set(EXTRAS)
         if unknown:
@@ -133,7 +136,9 @@ class _LogpsModule(nn.Module):
             "logit_softcap": head.logit_softcap,
             "chunk_size": self.chunk_size,
         }
-        token_logps = selected_token_logps(hidden, head.weight, labels, **kwargs)  # [N]
+        token_logps = selected_token_logps(
+            hidden, head.weight, labels, keep_bytes=self.keep_bytes, **kwargs
+        )  # [N]
         rows = n_tokens.shape[0]
         extras = {}
         if "prefix" in self.extras:
@@ -152,10 +157,11 @@ class PaddedLogps(_LogpsModule):
         model: nn.Module,
         *,
         chunk_size: int,
+        keep_bytes: int = 0,
         chunked_head: bool = True,
         extras: Iterable[str] = (),
     ):
-        super().__init__(model, chunk_size=chunk_size, extras=extras)
+        super().__init__(model, chunk_size=chunk_size, keep_bytes=keep_bytes, extras=extras)
         self.chunked_head = chunked_head
 
     def forward(
@@ -200,10 +206,11 @@ class SharedPromptLogps(_LogpsModule):
         *,
         chunk_size: int,
         attention_layers: int,
+        keep_bytes: int = 0,
         extras: Iterable[str] = (),
         kernel: str = "auto",
     ):
-        super().__init__(model, chunk_size=chunk_size, extras=extras)
+        super().__init__(model, chunk_size=chunk_size, keep_bytes=keep_bytes, extras=extras)
         self.attention_layers = attention_layers  # layers that must route the plan (from the probe)
         self.kernel = kernel  # "auto" | "segments" | "flex" (preftune.model.attention.KERNELS)
         self.last_routed = 0

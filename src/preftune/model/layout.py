@@ -41,9 +41,17 @@ class Layout:
 
     name = ""
 
-    def __init__(self, *, pad_token_id: int, chunk_size: int, extras: Iterable[str] = ()):
+    def __init__(
+        self,
+        *,
+        pad_token_id: int,
+        chunk_size: int,
+        keep_bytes: int = 0,
+        extras: Iterable[str] = (),
+    ):
         self.pad_token_id = pad_token_id
         self.chunk_size = chunk_size
+        self.keep_bytes = keep_bytes  # logprobs.selected_token_logps: the LM head's kept softmax
         self.extras = frozenset(extras)  # what the modules compute beside the sums (forward.EXTRAS)
         # Why this layout (fallback reasons), for the log line and the report.
         self.notes: list[str] = []
@@ -92,11 +100,14 @@ class PaddedLayout(Layout):
         *,
         pad_token_id: int,
         chunk_size: int,
+        keep_bytes: int = 0,
         chunked_head: bool = True,
         padding_side: str = "right",
         extras: Iterable[str] = (),
     ):
-        super().__init__(pad_token_id=pad_token_id, chunk_size=chunk_size, extras=extras)
+        super().__init__(
+            pad_token_id=pad_token_id, chunk_size=chunk_size, keep_bytes=keep_bytes, extras=extras
+        )
         self._chunked_head = chunked_head
         self.padding_side = padding_side
 
@@ -109,7 +120,11 @@ class PaddedLayout(Layout):
 
     def module(self, model: nn.Module) -> PaddedLogps:
         return PaddedLogps(
-            model, chunk_size=self.chunk_size, chunked_head=self._chunked_head, extras=self.extras
+            model,
+            chunk_size=self.chunk_size,
+            keep_bytes=self.keep_bytes,
+            chunked_head=self._chunked_head,
+            extras=self.extras,
         )
 
 
@@ -124,9 +139,12 @@ class SharedPromptLayout(Layout):
         pad_token_id: int,
         chunk_size: int,
         attention_layers: int,
+        keep_bytes: int = 0,
         extras: Iterable[str] = (),
     ):
-        super().__init__(pad_token_id=pad_token_id, chunk_size=chunk_size, extras=extras)
+        super().__init__(
+            pad_token_id=pad_token_id, chunk_size=chunk_size, keep_bytes=keep_bytes, extras=extras
+        )
         self.attention_layers = attention_layers
 
     def collate(self, examples: Sequence[dict]) -> PairBatch:
@@ -137,6 +155,7 @@ class SharedPromptLayout(Layout):
         return SharedPromptLogps(
             model,
             chunk_size=self.chunk_size,
+            keep_bytes=self.keep_bytes,
             attention_layers=self.attention_layers,
             extras=self.extras,
         )
@@ -147,6 +166,7 @@ def choose_layout(
     *others: nn.Module,
     pad_token_id: int,
     chunk_size: int,
+    keep_bytes: int = 0,
     prefix_sharing: bool | None = None,
     check_determinism: bool = True,
     extras: Iterable[str] = (),
@@ -157,6 +177,7 @@ def choose_layout(
     :class:`ModelError` naming the model and the reason when it is not exact), False = padded rows.
     ``check_determinism``: first require bitwise-equal training-mode forwards (dropout really off).
     ``extras``: what the log-prob modules compute beside the sums (``forward.EXTRAS``: the loss options).
+    ``keep_bytes``: the LM head's kept-softmax budget (:func:`preftune.logprobs.selected_token_logps`).
     """
     if check_determinism:
         check_deterministic(model, chunk_size=chunk_size, pad_token_id=pad_token_id)
@@ -178,7 +199,13 @@ def choose_layout(
     if not report.sharing:
         for m in (model, *others):
             restore_attention(m)
-    layout = _from_report(report, pad_token_id=pad_token_id, chunk_size=chunk_size, extras=extras)
+    layout = _from_report(
+        report,
+        pad_token_id=pad_token_id,
+        chunk_size=chunk_size,
+        keep_bytes=keep_bytes,
+        extras=extras,
+    )
     if prefix_sharing is False:
         layout.notes.append("train.prefix_sharing=false")
     log.info("layout: %s", layout.describe())
@@ -201,13 +228,19 @@ def _combine(a: ProbeReport, b: ProbeReport) -> ProbeReport:
 
 
 def _from_report(
-    report: ProbeReport, *, pad_token_id: int, chunk_size: int, extras: Iterable[str]
+    report: ProbeReport,
+    *,
+    pad_token_id: int,
+    chunk_size: int,
+    keep_bytes: int,
+    extras: Iterable[str],
 ) -> Layout:
     layout: Layout
     if report.sharing:
         layout = SharedPromptLayout(
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
+            keep_bytes=keep_bytes,
             attention_layers=report.attention_layers,
             extras=extras,
         )
@@ -215,6 +248,7 @@ def _from_report(
         layout = PaddedLayout(
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
+            keep_bytes=keep_bytes,
             chunked_head=report.chunked_head,
             extras=extras,
         )

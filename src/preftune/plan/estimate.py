@@ -174,14 +174,17 @@ def _arithmetic(
             how += " + the rejected pieces' prompt K/V"
     add("activations", acts, how, START)
     chunk = min(cfg.train.chunk_size, max(batch.scored, 1))
+    # logprobs.selected_token_logps keeps all S x V of the softmax for backward when it fits the budget.
+    kept = not facts.logit_softcap and batch.scored * V * 4 <= cfg.train.keep_softmax_mb * 2**20
+    rows = max(batch.scored, 1) if kept else chunk
     trained_head = not lora
-    head = chunk * V * 4 * (2 if facts.logit_softcap else 1) + batch.scored * h * 4
+    head = rows * V * 4 * (2 if facts.logit_softcap else 1) + batch.scored * h * 4
     head += V * h * 4 if trained_head else 0
     add(
         "LM head (chunked)",
         head,
-        f"{chunk} x {V} fp32 logits, {batch.scored} scored states"
-        + (", the head's weight gradient" if trained_head else ""),
+        f"{rows} x {V} fp32 {'softmax kept for backward' if kept else 'logits'}, "
+        f"{batch.scored} scored states" + (", the head's weight gradient" if trained_head else ""),
         START,
     )
     if strategy in ("copy", "adapter"):
