@@ -9,7 +9,7 @@ import resource
 import pytest
 import torch
 
-from preftune.cpu_heap import _glibc, keep_freed_memory, user_heap_settings
+from preftune.cpu_heap import _ENV, _glibc, keep_freed_memory, user_heap_settings
 
 glibc_only = pytest.mark.skipif(_glibc() is None, reason="mallopt needs Linux with glibc")
 
@@ -32,18 +32,21 @@ def _step_faults() -> int:
 def test_a_repeated_step_reuses_its_pages_inside_and_faults_afresh_outside(monkeypatch):
     """By default the two blocks above 32 MiB are fresh mmaps each step and the heap's free top is handed
     back, so a step faults on most of its 384 MiB (= 98304 pages of 4 KiB; at least the 177 MiB of the
-    two big blocks = 45312 pages); kept, the second and later steps reuse the first one's pages (under a
-    tenth of that: what the test process allocates in between may still take a block of the heap)."""
-    for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    two big blocks = 45312 pages); kept, steps come to reuse earlier steps' pages (under a tenth of that).
+    Not always from the second step on: glibc before 2.38 cannot put a 64-byte-aligned block into a free
+    hole of exactly its size, so in a heap that earlier tests fragmented a few steps may still grow it."""
+    for name in (*_ENV, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     big_blocks = 177 * _MB // resource.getpagesize()
     _step_faults()
-    assert _step_faults() >= big_blocks  # the default: fresh pages every step
+    default = [_step_faults() for _ in range(3)]
+    assert min(default) >= big_blocks, default  # fresh pages every step
     with keep_freed_memory() as kept:
         assert kept
-        _step_faults()  # the heap grows to hold one step
-        assert max(_step_faults() for _ in range(3)) < big_blocks // 10
-    assert _step_faults() >= big_blocks  # glibc's defaults are back
+        steady = [_step_faults() for _ in range(6)]
+        assert min(steady) < big_blocks // 10, steady
+    restored = [_step_faults() for _ in range(3)]
+    assert min(restored) >= big_blocks, restored  # glibc's defaults are back
 
 
 def test_disabled_or_user_tuned_changes_nothing(monkeypatch, caplog):
@@ -51,7 +54,7 @@ def test_disabled_or_user_tuned_changes_nothing(monkeypatch, caplog):
         assert not kept
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert user_heap_settings() == "MALLOC_TRIM_THRESHOLD_"
-    with caplog.at_level(logging.INFO, logger="preftune.cpu_heap"), keep_freed_memory() as kept:
+    with caplog.at_level(logging.DEBUG, logger="preftune.cpu_heap"), keep_freed_memory() as kept:
         assert not kept
     if _glibc() is not None:
         assert "left as MALLOC_TRIM_THRESHOLD_ sets it" in caplog.text

@@ -80,13 +80,15 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     if libc is not None:
         tuned = user_heap_settings()
         if tuned is not None:
-            log.info("CPU heap: left as %s sets it (train.keep_freed_memory does not apply)", tuned)
+            log.debug(
+                "CPU heap: left as %s sets it (train.keep_freed_memory does not apply)", tuned
+            )
             libc = None
     if libc is not None and not _set(libc, _KEEP):
         _set(libc, _DEFAULTS)
         libc = None
     if libc is not None:
-        log.info(
+        log.debug(
             "CPU heap: memory freed during a step is kept for the next (train.keep_freed_memory)"
         )
     try:

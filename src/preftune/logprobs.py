@@ -18,9 +18,9 @@ only the response positions through the LM head, in chunks of ``chunk_size`` tok
 log-sum-exp). Backward recomputes each chunk's logits from the saved hidden states and accumulates the
 gradients of the hidden states, the LM-head weight and bias. The largest temporary is one ``chunk x V`` fp32
 buffer (two with a soft-cap), in forward and in backward alike. When gradients are needed and the whole
-``N x V`` fits ``keep_bytes`` (``train.keep_softmax_mb``), forward keeps ``exp(z - max z)`` of every
-token instead, and backward starts from it: one LM-head GEMM and one ``exp`` pass less per step, for
-``N x V`` fp32 held from forward to backward. :func:`sequence_logps` is the plain
+``N x V`` fits ``keep_bytes`` (``train.keep_softmax_mb``), forward keeps every token's logits instead,
+and backward starts from them: one LM-head GEMM less per step (the same gradients), for ``N x V`` fp32
+held from forward to backward. :func:`sequence_logps` is the plain
 reference implementation from full logits, used by tests and for models whose head cannot be split off.
 
 Logit transform (as in HF models): ``logits = (h @ W.T + b) * logit_scale``, then
@@ -164,11 +164,11 @@ class _SelectedTokenLogps(torch.autograd.Function):
         bias_c = None if bias is None else bias.to(dtype)
         token_logps = torch.empty(n, dtype=dtype, device=hidden.device)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
-        # keep: every token's exp(z - max) stays for backward, with its sum; else one chunk is reused.
-        buf = torch.empty(
-            n if keep else min(chunk_size, n), vocab, dtype=dtype, device=hidden.device
-        )
-        sumexp = torch.empty(n, dtype=dtype, device=hidden.device) if keep else None
+        # keep: every token's logits stay for backward (the exp goes to a chunk buffer); else one chunk
+        # buffer holds the logits and then, in place, their exp.
+        m = min(chunk_size, n)
+        buf = torch.empty(n if keep else m, vocab, dtype=dtype, device=hidden.device)
+        work = torch.empty(m, vocab, dtype=dtype, device=hidden.device) if keep else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end].to(dtype)
@@ -179,16 +179,14 @@ class _SelectedTokenLogps(torch.autograd.Function):
                 z = _chunk_logits(out, h, weight_t, bias_c, logit_scale / logit_softcap)
                 z.tanh_().mul_(logit_softcap)
             selected = z.gather(1, labels[start:end].unsqueeze(1)).squeeze(1)
-            # In-place logsumexp: z <- exp(z - max), no second chunk x V buffer.
+            # In-place logsumexp: z <- exp(z - max), no second chunk x V buffer (unless z is kept).
             zmax = z.amax(dim=1, keepdim=True)
-            chunk_sum = z.sub_(zmax).exp_().sum(dim=1)
-            if keep:
-                sumexp[start:end] = chunk_sum
-            chunk_lse = chunk_sum.log_().add_(zmax.squeeze(1))
+            e = torch.sub(z, zmax, out=work[: end - start]) if keep else z.sub_(zmax)
+            chunk_lse = e.exp_().sum(dim=1).log_().add_(zmax.squeeze(1))
             lse[start:end] = chunk_lse
             token_logps[start:end] = selected - chunk_lse
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.kept = (buf, sumexp) if keep else None
+        ctx.kept = buf if keep else None
         ctx.logit_scale = logit_scale
         ctx.logit_softcap = logit_softcap
         ctx.chunk_size = chunk_size
@@ -199,7 +197,7 @@ class _SelectedTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         scale, softcap, chunk_size = ctx.logit_scale, ctx.logit_softcap, ctx.chunk_size
-        kept, ctx.kept = ctx.kept, None  # [N, V] exp(z - max z) and [N] its row sums, or None
+        kept, ctx.kept = ctx.kept, None  # [N, V] logits from forward, or None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = lse.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -209,7 +207,7 @@ class _SelectedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_b else None
         m = min(chunk_size, n)
-        buf = None if kept else torch.empty(m, vocab, dtype=dtype, device=hidden.device)
+        buf = None if kept is not None else torch.empty(m, vocab, dtype=dtype, device=hidden.device)
         tbuf = (
             torch.empty(m, vocab, dtype=dtype, device=hidden.device)
             if softcap is not None
@@ -222,20 +220,18 @@ class _SelectedTokenLogps(torch.autograd.Function):
             h = hidden[start:end].to(dtype)
             g = grad_out[start:end]  # [rows]
             lab = labels[start:end].unsqueeze(1)
-            g_eff = g * scale
-            if kept:  # softmax = exp(z - max) / sum, the division folded into the -g scaling below
-                p, minus_g = kept[0][start:end], -g_eff / kept[1][start:end]
+            if kept is not None:  # forward's logits, from the same GEMM call: bitwise a recompute's
+                p = kept[start:end].sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax, in place
             elif softcap is None:
                 p = _chunk_logits(buf[:rows], h, weight_c.t(), bias_c, scale)
                 p.sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax, in place
-                minus_g = -g_eff
             else:
                 t = _chunk_logits(tbuf[:rows], h, weight_c.t(), bias_c, scale / softcap).tanh_()
                 p = torch.mul(t, softcap, out=buf[:rows])
                 p.sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax of the capped logits
-                minus_g = -g_eff
             # dL/du = s * g * (onehot - p) [* (1 - t^2)], built in place in p.
-            p.mul_(minus_g.unsqueeze(1))
+            g_eff = g * scale
+            p.mul_(-g_eff.unsqueeze(1))
             p.scatter_add_(1, lab, g_eff.unsqueeze(1))
             if softcap is not None:
                 p.mul_(t.square_().neg_().add_(1.0))  # tanh' = 1 - t^2
@@ -276,9 +272,9 @@ def selected_token_logps(
         logit_softcap: ``c`` in ``c * tanh(z / c)`` (e.g. Gemma 2), applied after the scale; None for none.
         chunk_size: tokens per chunk; peak extra memory is ``chunk_size x V`` fp32 (twice with a soft-cap).
         keep_bytes: when a gradient is needed, there is no soft-cap and ``N x V`` in the compute dtype
-            fits this many bytes, forward keeps every token's ``exp(z - max z)`` for backward instead of
-            backward recomputing the logits (0: always recompute). The first backward consumes it; a
-            second one over the same graph (``retain_graph``) recomputes.
+            fits this many bytes, forward keeps every token's logits for backward instead of backward
+            recomputing them (0: always recompute). The first backward consumes them; a second one over
+            the same graph (``retain_graph``) recomputes.
 
     Returns:
         ``[N]`` per-token log-probs in fp32 (float64 for float64 inputs). Differentiable w.r.t. ``hidden``,
