@@ -189,11 +189,6 @@ class TrainConfig:
         False, "skip steps with a non-finite loss or gradient instead of stopping"
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    keep_freed_memory: bool = _f(
-        True,
-        "on CPU (Linux, glibc): keep memory freed during a step for the next instead of returning it "
-        "to the kernel (fresh pages cost ~7 % of a step; peak memory unchanged)",
-    )
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
     keep_softmax_mb: int = _f(
         512,

@@ -28,7 +28,6 @@ from preftune import build, lifecycle
 from preftune.callbacks import Callback, StepInfo
 from preftune.checkpoint import DiskFullError, TrainState, is_disk_full
 from preftune.config import Config, ConfigError, config_to_dict
-from preftune.cpu_heap import keep_freed_memory
 from preftune.data import batch_indices, load_preference_data, pair_lengths
 from preftune.diagnostics import Diagnostics, format_warning
 from preftune.distributed import DistContext, init_distributed, wrap
@@ -71,12 +70,7 @@ def train(
     (:class:`preftune.callbacks.Callback`)."""
     device = lifecycle.check_device(resolve_device(cfg.train.device))
     dist = init_distributed(device, cfg.train.parallel, cpu_offload=cfg.train.fsdp_cpu_offload)
-    keep = cfg.train.keep_freed_memory and device.type == "cpu"
-    # keep_freed_memory: each CPU step reuses the pages of the last (module docstring of cpu_heap).
-    with (
-        dist.running(),
-        keep_freed_memory(keep),
-    ):  # a failure names its rank; the group is torn down
+    with dist.running():  # a failure names its rank; the process group is torn down at the end
         if not dist.is_main:
             return _train(cfg, dist, None, model, tokenizer, callbacks)
         # Rank 0 owns the folder: locked against a second run, and removed again (or emptied) when the
