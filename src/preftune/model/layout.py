@@ -175,7 +175,7 @@ def choose_layout(
 
     ``prefix_sharing``: None = shared where the probe proves it exact for every model, True = required (a
     :class:`ModelError` naming the model and the reason when it is not exact), False = padded rows.
-    ``check_determinism``: first require bitwise-equal training-mode forwards (dropout really off).
+    ``check_determinism``: first require equal training-mode forwards (dropout really off).
     ``extras``: what the log-prob modules compute beside the sums (``forward.EXTRAS``: the loss options).
     ``keep_bytes``: the LM head's kept-softmax budget (:func:`preftune.logprobs.selected_token_logps`).
     """

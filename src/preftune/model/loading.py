@@ -14,7 +14,7 @@ differ from ln 2. Dropout is switched off *by value*, not by one known key: ever
 (and its sub-configs) whose name says dropout, ``pdrop``, drop-path, jitter or noise is zeroed before the
 model is built (modules copy these at construction), then every dropout module and every such float
 attribute of a module is zeroed after loading. The layout probe (:mod:`preftune.model.probe`) then proves it:
-two training-mode forwards must agree bitwise.
+training-mode forwards must agree (to fp32 rounding).
 
 Every failure to load becomes a :class:`ModelError` naming the source and the reason in one line.
 """

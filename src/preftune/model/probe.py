@@ -15,8 +15,10 @@ short sliding window) the probe computes, in fp32 and eval mode:
 "Agree" means ``|got - naive| <= 1e-3 + 1e-4 |naive|`` per sequence sum (fp32 reordering is ~1e-5; the
 mistakes this catches — a dropped window, a lost sink, a scale — are 1e-2 and more).
 
-:func:`check_deterministic` runs two training-mode forwards and requires bitwise-equal results: every
-stochastic part (dropout of any name, router jitter) must be off.
+:func:`check_deterministic` runs three training-mode forwards and requires equal results up to fp32
+rounding (``1e-5`` relative): every stochastic part (dropout of any name, router jitter) must be off. Not
+bitwise: on some CPUs the same GEMM rounds differently from call to call (seen on the 2-vCPU benchmark
+machine: the probe's sums 1 ulp apart, 1.53e-5 at ~200 nats), while a random draw moves them by far more.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from preftune.model.forward import PaddedLogps, SharedPromptLogps
 from preftune.model.loading import ModelError
 
 __all__ = ["ProbeReport", "check_deterministic", "probe_examples", "probe_model"]
+
+#: Training-mode forwards may differ by this (relative, and absolute in nats): ~100 fp32 ulps.
+_DETERMINISM_RTOL = 1e-5
 
 _ATOL, _RTOL = 1e-3, 1e-4
 
@@ -180,7 +185,8 @@ def _short(exc: BaseException) -> str:
 
 @torch.no_grad()
 def check_deterministic(model: nn.Module, *, chunk_size: int, pad_token_id: int = 0) -> None:
-    """Training-mode forwards under different RNG seeds must agree bitwise; else a :class:`ModelError`.
+    """Training-mode forwards under different RNG seeds must agree (to fp32 rounding, module docstring);
+    else a :class:`ModelError`.
 
     Different seeds make any random draw (dropout masks, router jitter, layer drop) differ; three runs
     make a rare event (a layer dropped with small probability) unlikely to hide. The caller's RNG state
@@ -196,7 +202,7 @@ def check_deterministic(model: nn.Module, *, chunk_size: int, pad_token_id: int 
             torch.manual_seed(seed)
             outs.append(_run(module, batch, device))
     for other in outs[1:]:
-        if not torch.equal(outs[0], other):
+        if not torch.allclose(outs[0], other, rtol=_DETERMINISM_RTOL, atol=_DETERMINISM_RTOL):
             diff = float((outs[0] - other).abs().max())
             raise ModelError(
                 f"{type(unwrap_causal_lm(model)).__name__} is still random in training mode after "
