@@ -111,10 +111,10 @@ def test_full_finetuning_copy_reference_by_hand():
 @pytest.mark.parametrize(("keep_mb", "head"), [(512, 3104), (0, 4 * 32 * 4 + 416 + 1024)])
 def test_the_lm_head_keeps_all_scored_rows_within_the_softmax_budget(keep_mb, head):
     """chunk_size 4 < 13 scored tokens: kept, the head holds all 13 x 32 x 4 = 1664 B of softmax (3104 as
-    above); with train.keep_softmax_mb=0 one chunk of 4 x 32 x 4 = 512 B (+ 416 + 1024 = 1952)."""
-    p = plan(config(train__chunk_size=4, train__keep_softmax_mb=keep_mb))
+    above); with train.keep_logits_mb=0 one chunk of 4 x 32 x 4 = 512 B (+ 416 + 1024 = 1952)."""
+    p = plan(config(train__chunk_size=4, train__keep_logits_mb=keep_mb))
     assert items(p)["LM head (chunked)"] == head
-    assert ("softmax kept" in {it.name: it.how for it in p.items}["LM head (chunked)"]) is bool(
+    assert ("logits kept" in {it.name: it.how for it in p.items}["LM head (chunked)"]) is bool(
         keep_mb
     )
 

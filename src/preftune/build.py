@@ -199,7 +199,7 @@ def build_layout(
         *([ref_model] if ref_model is not None else []),
         pad_token_id=tokenizer.pad_token_id,
         chunk_size=cfg.train.chunk_size,
-        keep_bytes=cfg.train.keep_softmax_mb * 2**20,
+        keep_bytes=cfg.train.keep_logits_mb * 2**20,
         prefix_sharing=cfg.train.prefix_sharing,
         check_determinism=not cfg.model.dropout,
         extras=build_objective(cfg).extras,

@@ -190,10 +190,10 @@ class TrainConfig:
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
     chunk_size: int = _f(1024, "response tokens per LM-head chunk")
-    keep_softmax_mb: int = _f(
+    keep_logits_mb: int = _f(
         512,
         "when the policy's response tokens x vocab fp32 fit this many MiB, the LM head keeps its "
-        "softmax from forward to backward instead of recomputing the logits there; 0 = always recompute",
+        "logits from forward to backward instead of recomputing them there; 0 = always recompute",
     )
     prefix_sharing: bool | None = _f(
         None,

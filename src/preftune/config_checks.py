@@ -181,7 +181,7 @@ _RANGES: tuple[tuple[str, float, bool, bool], ...] = (
     ("train.grad_accum", 1, True, False),
     ("train.keep_last", 1, True, False),
     ("train.chunk_size", 1, True, False),
-    ("train.keep_softmax_mb", 0, True, False),
+    ("train.keep_logits_mb", 0, True, False),
     ("train.max_steps", 1, True, True),
     ("train.epochs", 0, False, False),
     ("train.eval_every", 1, True, True),

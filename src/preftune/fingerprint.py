@@ -75,7 +75,7 @@ SAFE_CHANGES: dict[str, str] = {
     "train.skip_nonfinite": "what happens on a non-finite step",
     "train.device": "where the run executes (precision is compared as facts.precision)",
     "train.chunk_size": "memory only: the same log-probs computed in other chunks",
-    "train.keep_softmax_mb": "memory only: the same logits kept rather than recomputed",
+    "train.keep_logits_mb": "memory only: the same logits kept rather than recomputed",
     "train.fsdp_cpu_offload": "memory only: where FSDP keeps the same states",
     "model.gradient_checkpointing": "memory only: the same activations recomputed",
     "data.cache_dir": "where the tokenized data is cached (its content is facts.data)",

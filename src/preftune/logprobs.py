@@ -18,7 +18,7 @@ only the response positions through the LM head, in chunks of ``chunk_size`` tok
 log-sum-exp). Backward recomputes each chunk's logits from the saved hidden states and accumulates the
 gradients of the hidden states, the LM-head weight and bias. The largest temporary is one ``chunk x V`` fp32
 buffer (two with a soft-cap), in forward and in backward alike. When gradients are needed and the whole
-``N x V`` fits ``keep_bytes`` (``train.keep_softmax_mb``), forward keeps every token's logits instead,
+``N x V`` fits ``keep_bytes`` (``train.keep_logits_mb``), forward keeps every token's logits instead,
 and backward starts from them: one LM-head GEMM less per step (the same gradients), for ``N x V`` fp32
 held from forward to backward. :func:`sequence_logps` is the plain
 reference implementation from full logits, used by tests and for models whose head cannot be split off.
@@ -41,6 +41,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "chunked_sequence_logps",
+    "keeps_logits",
     "segment_sum",
     "selected_token_logps",
     "sequence_logps",
@@ -58,6 +59,15 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
         if t is not None:
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def keeps_logits(
+    n_tokens: int, vocab: int, *, keep_bytes: int, softcap: bool, itemsize: int = 4
+) -> bool:
+    """Whether :func:`selected_token_logps` keeps all ``n_tokens x vocab`` logits (``itemsize`` bytes each)
+    for backward: they fit ``keep_bytes`` and there is no soft-cap (whose backward needs ``tanh`` too).
+    The memory plan asks the same question."""
+    return not softcap and n_tokens * vocab * itemsize <= keep_bytes
 
 
 def sequence_logps(
@@ -151,7 +161,8 @@ def _chunk_logits(
 class _SelectedTokenLogps(torch.autograd.Function):
     """``logp[i] = z[i, labels[i]] - logsumexp(z[i])`` with ``z`` the transformed logits of ``hidden[i]``.
 
-    Forward and backward both walk over chunks of rows; backward recomputes each chunk's logits.
+    Forward and backward both walk over chunks of rows; backward recomputes each chunk's logits, unless
+    forward kept them all (``keep``, decided by :func:`keeps_logits`).
     With ``c`` the soft-cap and ``t = tanh(s * u / c)`` (``u = h W^T + b``, ``s`` the scale):
     ``d logp / d z = onehot - softmax(z)`` and ``d z / d u = s * (1 - t^2)`` (``s`` without a soft-cap).
     """
@@ -296,10 +307,11 @@ def selected_token_logps(
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
     )
-    itemsize = _compute_dtype(hidden, lm_head_weight, lm_head_bias).itemsize
-    kept_bytes = hidden.shape[0] * lm_head_weight.shape[0] * itemsize
-    # A soft-cap's backward needs tanh(z) as well: it always recomputes.
-    keep = grads and logit_softcap is None and kept_bytes <= keep_bytes
+    keep = grads and keeps_logits(
+        hidden.shape[0], lm_head_weight.shape[0], keep_bytes=keep_bytes,
+        softcap=logit_softcap is not None,
+        itemsize=_compute_dtype(hidden, lm_head_weight, lm_head_bias).itemsize,
+    )  # fmt: skip
     return _SelectedTokenLogps.apply(
         hidden,
         lm_head_weight,

@@ -51,7 +51,7 @@ class Layout:
     ):
         self.pad_token_id = pad_token_id
         self.chunk_size = chunk_size
-        self.keep_bytes = keep_bytes  # logprobs.selected_token_logps: the LM head's kept softmax
+        self.keep_bytes = keep_bytes  # logprobs.selected_token_logps: the LM head's kept logits
         self.extras = frozenset(extras)  # what the modules compute beside the sums (forward.EXTRAS)
         # Why this layout (fallback reasons), for the log line and the report.
         self.notes: list[str] = []

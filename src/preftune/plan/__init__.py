@@ -32,7 +32,7 @@ LM head (chunked)      backward start    c · V · 4 (a chunk's fp32 logits, twi
                                          + S · h · 4 (the scored hidden states) + V · h · 4 (the head's
                                          weight gradient, when it is trained); c = min(chunk_size, S), S =
                                          scored response tokens; c = S when S · V · 4 fits
-                                         train.keep_softmax_mb (no soft-cap): the softmax kept for backward
+                                         train.keep_logits_mb (no soft-cap): the logits kept for backward
 reference forward      backward start    copy / adapter: tokens · (3 h + 3 i) · 4 (one layer's no-grad
                                          working set) + c · V · 4; it runs before backward, so only the
                                          larger of it and the LM head counts

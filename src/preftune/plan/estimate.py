@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from preftune.config import Config, resolved_reference_strategy
+from preftune.logprobs import keeps_logits
 from preftune.plan.facts import MicroBatch, ModelFacts, longest_micro_batch
 from preftune.plan.units import _count, _gib
 
@@ -174,8 +175,12 @@ def _arithmetic(
             how += " + the rejected pieces' prompt K/V"
     add("activations", acts, how, START)
     chunk = min(cfg.train.chunk_size, max(batch.scored, 1))
-    # logprobs.selected_token_logps keeps all S x V of the softmax for backward when it fits the budget.
-    kept = not facts.logit_softcap and batch.scored * V * 4 <= cfg.train.keep_softmax_mb * 2**20
+    kept = keeps_logits(
+        batch.scored,
+        V,
+        keep_bytes=cfg.train.keep_logits_mb * 2**20,
+        softcap=bool(facts.logit_softcap),
+    )
     rows = max(batch.scored, 1) if kept else chunk
     trained_head = not lora
     head = rows * V * 4 * (2 if facts.logit_softcap else 1) + batch.scored * h * 4
@@ -183,7 +188,7 @@ def _arithmetic(
     add(
         "LM head (chunked)",
         head,
-        f"{rows} x {V} fp32 {'softmax kept for backward' if kept else 'logits'}, "
+        f"{rows} x {V} fp32 {'logits kept for backward' if kept else 'logits'}, "
         f"{batch.scored} scored states" + (", the head's weight gradient" if trained_head else ""),
         START,
     )
